@@ -1,0 +1,145 @@
+"""Glue between the kernels and PyTorch: the compiled extension, fake (meta)
+implementations for torch.compile, and autograd for every fused backend.
+
+The op schema is declared once in C++ (csrc/redistribute.cpp):
+
+    red_kernels::redistribute(Tensor hidden, Tensor weight, Tensor? bias, Tensor mask,
+                              Tensor start, bool baseline_zero)
+        -> (Tensor scores, Tensor rewards, Tensor token_rewards, Tensor last_index)
+    red_kernels::redistribute_backward(Tensor grad_scores, Tensor grad_rewards,
+        Tensor grad_token_rewards, Tensor hidden, Tensor weight, Tensor mask, Tensor start,
+        Tensor last_index, bool baseline_zero, bool[3] output_mask)
+        -> (Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)
+
+Inputs reach the kernels normalised by `red_kernels.op.redistribute`: hidden [B, T, H] with
+unit innermost stride, weight float32 [H] contiguous, bias float32 [1] or None, mask uint8
+[B, T] contiguous (nonzero = real token), start int64 [B] contiguous (clamped by the kernels).
+The Triton backend is the same pair of ops under the names ``redistribute_triton`` and
+``redistribute_triton_backward``, defined here in Python.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+
+import torch
+
+try:
+    from red_kernels import _C  # noqa: F401  (loading it registers the C++ op)
+
+    EXTENSION_ERROR: str | None = None
+except ImportError as error:  # a source checkout that was never built
+    _C = None
+    EXTENSION_ERROR = str(error)
+
+HAS_CPU_KERNEL = _C is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+    "red_kernels::redistribute", "CPU"
+)
+HAS_CUDA_KERNEL = _C is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+    "red_kernels::redistribute", "CUDA"
+)
+
+
+@functools.cache
+def triton_version() -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return None
+    import triton
+
+    return triton.__version__
+
+
+# ---------------------------------------------------------------------------------------
+# Shapes of the outputs, shared by the fake implementations of both op pairs.
+
+
+def _forward_fake(hidden, weight, bias, mask, start, baseline_zero):
+    B, T, _ = hidden.shape
+    scores = hidden.new_empty((B, T), dtype=torch.float32)
+    rewards = hidden.new_empty((B,), dtype=torch.float32)
+    token_rewards = hidden.new_empty((B, T), dtype=torch.float32)
+    last_index = hidden.new_empty((B,), dtype=torch.int64)
+    return scores, rewards, token_rewards, last_index
+
+
+def _backward_fake(grad_scores, grad_rewards, grad_token_rewards, hidden, weight, mask, start,
+                   last_index, baseline_zero, output_mask):
+    grad_hidden = torch.empty_like(hidden) if output_mask[0] else hidden.new_empty((0,))
+    grad_weight = weight.new_empty(weight.shape) if output_mask[1] else weight.new_empty((0,))
+    grad_bias = weight.new_empty((1,)) if output_mask[2] else weight.new_empty((0,))
+    return grad_hidden, grad_weight, grad_bias
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, mask, start, baseline_zero = inputs
+    ctx.save_for_backward(hidden, weight, mask, start, output[3])
+    ctx.baseline_zero = baseline_zero
+    ctx.has_bias = bias is not None
+
+
+def _make_backward(backward_op):
+    def backward(ctx, grad_scores, grad_rewards, grad_token_rewards, _grad_last_index):
+        hidden, weight, mask, start, last_index = ctx.saved_tensors
+        output_mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+                       ctx.needs_input_grad[2] and ctx.has_bias]
+        B, T = mask.shape
+        # An output that took no part in the loss arrives as None: it contributes zero.
+        if grad_scores is None:
+            grad_scores = hidden.new_zeros((B, T), dtype=torch.float32)
+        if grad_rewards is None:
+            grad_rewards = hidden.new_zeros((B,), dtype=torch.float32)
+        if grad_token_rewards is None:
+            grad_token_rewards = hidden.new_zeros((B, T), dtype=torch.float32)
+        grad_hidden, grad_weight, grad_bias = backward_op(
+            grad_scores.float().contiguous(), grad_rewards.float().contiguous(),
+            grad_token_rewards.float().contiguous(), hidden, weight, mask, start, last_index,
+            ctx.baseline_zero, output_mask,
+        )
+        return (grad_hidden if output_mask[0] else None, grad_weight if output_mask[1] else None,
+                grad_bias if output_mask[2] else None, None, None, None)
+
+    return backward
+
+
+if _C is not None:
+    torch.library.register_fake("red_kernels::redistribute")(_forward_fake)
+    torch.library.register_fake("red_kernels::redistribute_backward")(_backward_fake)
+    torch.library.register_autograd(
+        "red_kernels::redistribute",
+        _make_backward(torch.ops.red_kernels.redistribute_backward),
+        setup_context=_setup_context,
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# The Triton backend as a custom op of its own, so torch.compile and autograd see it the
+# same way they see the C++ op.
+
+if triton_version() is not None:
+
+    @torch.library.custom_op("red_kernels::redistribute_triton", mutates_args=())
+    def redistribute_triton(
+        hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, mask: torch.Tensor,
+        start: torch.Tensor, baseline_zero: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        from red_kernels.triton_kernels import redistribute_forward
+
+        return redistribute_forward(hidden, weight, bias, mask, start, baseline_zero)
+
+    @torch.library.custom_op("red_kernels::redistribute_triton_backward", mutates_args=())
+    def redistribute_triton_backward(
+        grad_scores: torch.Tensor, grad_rewards: torch.Tensor, grad_token_rewards: torch.Tensor,
+        hidden: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, start: torch.Tensor,
+        last_index: torch.Tensor, baseline_zero: bool, output_mask: list[bool],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        from red_kernels.triton_kernels import redistribute_backward
+
+        return redistribute_backward(grad_scores, grad_rewards, grad_token_rewards, hidden, weight,
+                                     mask, start, last_index, baseline_zero, output_mask)
+
+    redistribute_triton.register_fake(_forward_fake)
+    redistribute_triton_backward.register_fake(_backward_fake)
+    redistribute_triton.register_autograd(
+        _make_backward(torch.ops.red_kernels.redistribute_triton_backward), setup_context=_setup_context
+    )
