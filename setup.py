@@ -13,6 +13,7 @@ import glob
 import os
 import re
 import shutil
+import sys
 
 from setuptools import setup
 
@@ -67,11 +68,17 @@ def _want_cuda() -> bool:
 def _extension():
     here = os.path.dirname(os.path.abspath(__file__))
     cxx_flags = ["-O3", "-fvisibility=hidden", "-Wall", "-Wextra", "-Wno-unused-parameter"]
+    link_flags = []
+    if sys.platform.startswith("linux"):
+        # at::parallel_for is header code: without OpenMP here it silently runs on one thread.
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     include_dirs = [os.path.join(here, "csrc")]
     if not _want_cuda():
         return cpp_extension.CppExtension(
-            "red_kernels._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags})
+            "red_kernels._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_flags)
 
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
@@ -84,6 +91,7 @@ def _extension():
         include_dirs=include_dirs,
         define_macros=macros,
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+        extra_link_args=link_flags,
     )
 
 

@@ -27,5 +27,5 @@ def build_info() -> dict:
         "cuda": bool(flags["cuda"]) and _library.HAS_CUDA_KERNEL,
         "cuda_arch_list": list(flags["cuda_arch_list"]),
         "cpu_kernel": _library.HAS_CPU_KERNEL,
-        "triton": _library.triton_version(),
+        "triton": _library.TRITON_VERSION,
     }

@@ -20,7 +20,6 @@ The Triton backend is the same pair of ops under the names ``redistribute_triton
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 
 import torch
@@ -41,13 +40,15 @@ HAS_CUDA_KERNEL = _C is not None and torch._C._dispatch_has_kernel_for_dispatch_
 )
 
 
-@functools.cache
-def triton_version() -> str | None:
+def _find_triton_version() -> str | None:
     if importlib.util.find_spec("triton") is None:
         return None
     import triton
 
     return triton.__version__
+
+
+TRITON_VERSION = _find_triton_version()
 
 
 # ---------------------------------------------------------------------------------------
@@ -65,7 +66,7 @@ def _forward_fake(hidden, weight, bias, mask, start, baseline_zero):
 
 def _backward_fake(grad_scores, grad_rewards, grad_token_rewards, hidden, weight, mask, start,
                    last_index, baseline_zero, output_mask):
-    grad_hidden = torch.empty_like(hidden) if output_mask[0] else hidden.new_empty((0,))
+    grad_hidden = hidden.new_empty(hidden.shape) if output_mask[0] else hidden.new_empty((0,))
     grad_weight = weight.new_empty(weight.shape) if output_mask[1] else weight.new_empty((0,))
     grad_bias = weight.new_empty((1,)) if output_mask[2] else weight.new_empty((0,))
     return grad_hidden, grad_weight, grad_bias
@@ -78,7 +79,7 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
-def _make_backward(backward_op):
+def _make_backward(backward_name: str):
     def backward(ctx, grad_scores, grad_rewards, grad_token_rewards, _grad_last_index):
         hidden, weight, mask, start, last_index = ctx.saved_tensors
         output_mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
@@ -91,7 +92,7 @@ def _make_backward(backward_op):
             grad_rewards = hidden.new_zeros((B,), dtype=torch.float32)
         if grad_token_rewards is None:
             grad_token_rewards = hidden.new_zeros((B, T), dtype=torch.float32)
-        grad_hidden, grad_weight, grad_bias = backward_op(
+        grad_hidden, grad_weight, grad_bias = getattr(torch.ops.red_kernels, backward_name)(
             grad_scores.float().contiguous(), grad_rewards.float().contiguous(),
             grad_token_rewards.float().contiguous(), hidden, weight, mask, start, last_index,
             ctx.baseline_zero, output_mask,
@@ -107,7 +108,7 @@ if _C is not None:
     torch.library.register_fake("red_kernels::redistribute_backward")(_backward_fake)
     torch.library.register_autograd(
         "red_kernels::redistribute",
-        _make_backward(torch.ops.red_kernels.redistribute_backward),
+        _make_backward("redistribute_backward"),
         setup_context=_setup_context,
     )
 
@@ -116,7 +117,7 @@ if _C is not None:
 # The Triton backend as a custom op of its own, so torch.compile and autograd see it the
 # same way they see the C++ op.
 
-if triton_version() is not None:
+if TRITON_VERSION is not None:
 
     @torch.library.custom_op("red_kernels::redistribute_triton", mutates_args=())
     def redistribute_triton(
@@ -141,5 +142,5 @@ if triton_version() is not None:
     redistribute_triton.register_fake(_forward_fake)
     redistribute_triton_backward.register_fake(_backward_fake)
     redistribute_triton.register_autograd(
-        _make_backward(torch.ops.red_kernels.redistribute_triton_backward), setup_context=_setup_context
+        _make_backward("redistribute_triton_backward"), setup_context=_setup_context
     )

@@ -39,10 +39,10 @@ def available_backends(device: str | torch.device = "cpu") -> tuple[str, ...]:
     if device.type == "cpu":
         if _library.HAS_CPU_KERNEL:
             usable.append("cpu")
-        if TRITON_INTERPRET and _library.triton_version() is not None:
+        if TRITON_INTERPRET and _library.TRITON_VERSION is not None:
             usable.append("triton")
     elif device.type == "cuda":
-        if _library.triton_version() is not None:
+        if _library.TRITON_VERSION is not None:
             usable.append("triton")
         if _library.HAS_CUDA_KERNEL:
             usable.append("cuda")
@@ -167,10 +167,15 @@ def redistribute(
         start = torch.full((B,), response_start, dtype=torch.int64, device=device)
     baseline_zero = baseline == "zero"
 
-    if name == "eager" or B == 0:
-        outputs = redistribute_reference(hidden, weight32, bias32, mask, start, baseline_zero)
-    elif name == "triton":
-        outputs = torch.ops.red_kernels.redistribute_triton(hidden, weight32, bias32, mask, start, baseline_zero)
-    else:  # "cpu" and "cuda" are the one C++ op; the dispatcher picks the kernel by device.
-        outputs = torch.ops.red_kernels.redistribute(hidden, weight32, bias32, mask, start, baseline_zero)
-    return RedistributeOutput(*outputs)
+    return RedistributeOutput(*_launch("eager" if B == 0 else name, hidden, weight32, bias32, mask, start,
+                                       baseline_zero))
+
+
+def _launch(name, hidden, weight, bias, mask, start, baseline_zero):
+    """Run backend ``name`` on normalised inputs (the layout _library.py documents)."""
+    if name == "eager":
+        return redistribute_reference(hidden, weight, bias, mask, start, baseline_zero)
+    if name == "triton":
+        return torch.ops.red_kernels.redistribute_triton(hidden, weight, bias, mask, start, baseline_zero)
+    # "cpu" and "cuda" are the one C++ op; the dispatcher picks the kernel by device.
+    return torch.ops.red_kernels.redistribute(hidden, weight, bias, mask, start, baseline_zero)

@@ -1,0 +1,434 @@
+// The CPU kernel of red_kernels::redistribute and its backward.
+//
+// Forward, one pass over hidden: positions b*T+t are split into chunks run in parallel; each
+// position's score is a float32 dot product with the upcast weight, and its token reward is
+// taken right there from the previous position's score, carried along the chunk (a chunk that
+// starts mid-row recomputes the one halo row before it). The last index and reward of each row
+// then come from a scan of the [B, T] mask and scores, never of hidden.
+//
+// Backward, one pass over hidden: each position's score gradient g (red_rule.h) gives
+// grad_hidden = g * weight, and grad_weight = sum g * hidden is summed per fixed block of
+// positions, then reduced across blocks in a fixed order, so it is deterministic.
+//
+// The row functions (dot, axpy, scale) come in AVX-512, AVX2 and scalar versions chosen at
+// run time, so one build runs on any x86-64 CPU and uses the widest vectors it has.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define RED_X86 1
+#endif
+
+#include "cpu_isa.h"
+#include "red_rule.h"
+#include "redistribute.h"
+
+namespace red_kernels {
+namespace {
+
+// Row functions over H elements of one hidden row. x points at bf16/f16 bits or floats.
+struct RowKernels {
+  float (*dot)(const void* x, const float* w, int64_t H);               // sum x*w
+  void (*axpy)(const void* x, float g, float* acc, int64_t H);          // acc += g*x
+  void (*scale)(float g, const float* w, void* out, int64_t H);         // out = g*w, rounded to x's dtype
+};
+
+// ---------------------------------------------------------------------------------------------
+// Scalar path: any CPU. Eight independent accumulators let the compiler vectorize the loop
+// without reassociating a single float sum.
+
+template <typename T>
+float dot_scalar(const void* xv, const float* w, int64_t H) {
+  const T* x = static_cast<const T*>(xv);
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t h = 0;
+  for (; h + 8 <= H; h += 8) {
+    for (int l = 0; l < 8; ++l) acc[l] += static_cast<float>(x[h + l]) * w[h + l];
+  }
+  float sum = 0.0f;
+  for (; h < H; ++h) sum += static_cast<float>(x[h]) * w[h];
+  for (int l = 0; l < 8; ++l) sum += acc[l];
+  return sum;
+}
+
+template <typename T>
+void axpy_scalar(const void* xv, float g, float* acc, int64_t H) {
+  const T* x = static_cast<const T*>(xv);
+  for (int64_t h = 0; h < H; ++h) acc[h] += g * static_cast<float>(x[h]);
+}
+
+template <typename T>
+void scale_scalar(float g, const float* w, void* outv, int64_t H) {
+  T* out = static_cast<T*>(outv);
+  for (int64_t h = 0; h < H; ++h) out[h] = static_cast<T>(g * w[h]);
+}
+
+template <typename T>
+constexpr RowKernels scalar_kernels() {
+  return {dot_scalar<T>, axpy_scalar<T>, scale_scalar<T>};
+}
+
+#ifdef RED_X86
+// ---------------------------------------------------------------------------------------------
+// AVX-512: 16 floats a vector. Each Load type turns 16 elements of its dtype into floats;
+// masked loads and stores handle the tail, so there is no scalar remainder loop.
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")
+namespace avx512 {
+
+struct F32 {
+  static __m512 load(const void* p, int64_t i) { return _mm512_loadu_ps(static_cast<const float*>(p) + i); }
+  static __m512 load_tail(const void* p, int64_t i, __mmask16 m) {
+    return _mm512_maskz_loadu_ps(m, static_cast<const float*>(p) + i);
+  }
+  static void store_tail(void* p, int64_t i, __m512 v, __mmask16 m) {
+    _mm512_mask_storeu_ps(static_cast<float*>(p) + i, m, v);
+  }
+};
+
+struct BF16 {
+  // bf16 -> f32 is the 16 bits moved to the top of a 32-bit lane.
+  static __m512 widen(__m256i bits) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16)); }
+  static __m512 load(const void* p, int64_t i) {
+    return widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(p) + i)));
+  }
+  static __m512 load_tail(const void* p, int64_t i, __mmask16 m) {
+    return widen(_mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(p) + i));
+  }
+  static void store_tail(void* p, int64_t i, __m512 v, __mmask16 m) {
+    // Round to nearest even, as c10::BFloat16 does; NaN becomes the canonical quiet NaN 0x7FC0.
+    const __m512i bits = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb)), 16);
+    rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+    _mm256_mask_storeu_epi16(static_cast<uint16_t*>(p) + i, m, _mm512_cvtepi32_epi16(rounded));
+  }
+};
+
+struct F16 {
+  static __m512 load(const void* p, int64_t i) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(p) + i)));
+  }
+  static __m512 load_tail(const void* p, int64_t i, __mmask16 m) {
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(p) + i));
+  }
+  static void store_tail(void* p, int64_t i, __m512 v, __mmask16 m) {
+    _mm256_mask_storeu_epi16(static_cast<uint16_t*>(p) + i, m,
+                             _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+};
+
+inline __mmask16 tail_mask(int64_t n) { return static_cast<__mmask16>((1u << n) - 1u); }
+
+template <class L>
+float dot(const void* x, const float* w, int64_t H) {
+  // Four accumulators hide the FMA latency.
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+  int64_t h = 0;
+  for (; h + 64 <= H; h += 64) {
+    a0 = _mm512_fmadd_ps(L::load(x, h), _mm512_loadu_ps(w + h), a0);
+    a1 = _mm512_fmadd_ps(L::load(x, h + 16), _mm512_loadu_ps(w + h + 16), a1);
+    a2 = _mm512_fmadd_ps(L::load(x, h + 32), _mm512_loadu_ps(w + h + 32), a2);
+    a3 = _mm512_fmadd_ps(L::load(x, h + 48), _mm512_loadu_ps(w + h + 48), a3);
+  }
+  for (; h + 16 <= H; h += 16) a0 = _mm512_fmadd_ps(L::load(x, h), _mm512_loadu_ps(w + h), a0);
+  if (h < H) {
+    const __mmask16 m = tail_mask(H - h);
+    a1 = _mm512_fmadd_ps(L::load_tail(x, h, m), _mm512_maskz_loadu_ps(m, w + h), a1);
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+}
+
+template <class L>
+void axpy(const void* x, float g, float* acc, int64_t H) {
+  const __m512 gv = _mm512_set1_ps(g);
+  int64_t h = 0;
+  for (; h + 16 <= H; h += 16) _mm512_storeu_ps(acc + h, _mm512_fmadd_ps(gv, L::load(x, h), _mm512_loadu_ps(acc + h)));
+  if (h < H) {
+    const __mmask16 m = tail_mask(H - h);
+    _mm512_mask_storeu_ps(acc + h, m, _mm512_fmadd_ps(gv, L::load_tail(x, h, m), _mm512_maskz_loadu_ps(m, acc + h)));
+  }
+}
+
+template <class L>
+void scale(float g, const float* w, void* out, int64_t H) {
+  const __m512 gv = _mm512_set1_ps(g);
+  for (int64_t h = 0; h < H; h += 16) {
+    const __mmask16 m = H - h >= 16 ? static_cast<__mmask16>(0xFFFF) : tail_mask(H - h);
+    L::store_tail(out, h, _mm512_mul_ps(gv, _mm512_maskz_loadu_ps(m, w + h)), m);
+  }
+}
+
+}  // namespace avx512
+#pragma GCC pop_options
+
+// ---------------------------------------------------------------------------------------------
+// AVX2 (+FMA, F16C): 8 floats a vector for the two loops that read hidden; the tail and the
+// bf16 store take the scalar path.
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+namespace avx2 {
+
+struct F32 {
+  using T = float;
+  static __m256 load(const void* p, int64_t i) { return _mm256_loadu_ps(static_cast<const float*>(p) + i); }
+};
+struct BF16 {
+  using T = c10::BFloat16;
+  static __m256 load(const void* p, int64_t i) {
+    const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+  }
+};
+struct F16 {
+  using T = c10::Half;
+  static __m256 load(const void* p, int64_t i) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i)));
+  }
+};
+
+inline float horizontal_sum(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+}
+
+template <class L>
+float dot(const void* x, const float* w, int64_t H) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+  int64_t h = 0;
+  for (; h + 32 <= H; h += 32) {
+    a0 = _mm256_fmadd_ps(L::load(x, h), _mm256_loadu_ps(w + h), a0);
+    a1 = _mm256_fmadd_ps(L::load(x, h + 8), _mm256_loadu_ps(w + h + 8), a1);
+    a2 = _mm256_fmadd_ps(L::load(x, h + 16), _mm256_loadu_ps(w + h + 16), a2);
+    a3 = _mm256_fmadd_ps(L::load(x, h + 24), _mm256_loadu_ps(w + h + 24), a3);
+  }
+  for (; h + 8 <= H; h += 8) a0 = _mm256_fmadd_ps(L::load(x, h), _mm256_loadu_ps(w + h), a0);
+  float sum = horizontal_sum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+  const auto* xs = static_cast<const typename L::T*>(x);
+  for (; h < H; ++h) sum += static_cast<float>(xs[h]) * w[h];
+  return sum;
+}
+
+template <class L>
+void axpy(const void* x, float g, float* acc, int64_t H) {
+  const __m256 gv = _mm256_set1_ps(g);
+  int64_t h = 0;
+  for (; h + 8 <= H; h += 8) _mm256_storeu_ps(acc + h, _mm256_fmadd_ps(gv, L::load(x, h), _mm256_loadu_ps(acc + h)));
+  const auto* xs = static_cast<const typename L::T*>(x);
+  for (; h < H; ++h) acc[h] += g * static_cast<float>(xs[h]);
+}
+
+}  // namespace avx2
+#pragma GCC pop_options
+#endif  // RED_X86
+
+// ---------------------------------------------------------------------------------------------
+// Choosing the path.
+
+enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+
+Isa best_isa() {
+#ifdef RED_X86
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl")) {
+    return Isa::kAvx512;
+  }
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
+    return Isa::kAvx2;
+  }
+#endif
+  return Isa::kScalar;
+}
+
+std::atomic<int>& active_isa() {
+  static std::atomic<int> isa{static_cast<int>(best_isa())};
+  return isa;
+}
+
+const char* isa_names[] = {"scalar", "avx2", "avx512"};
+
+RowKernels kernels_for(at::ScalarType dtype) {
+  const Isa isa = static_cast<Isa>(active_isa().load());
+#ifdef RED_X86
+  if (isa == Isa::kAvx512) {
+    switch (dtype) {
+      case at::kFloat: return {avx512::dot<avx512::F32>, avx512::axpy<avx512::F32>, avx512::scale<avx512::F32>};
+      case at::kBFloat16: return {avx512::dot<avx512::BF16>, avx512::axpy<avx512::BF16>, avx512::scale<avx512::BF16>};
+      default: return {avx512::dot<avx512::F16>, avx512::axpy<avx512::F16>, avx512::scale<avx512::F16>};
+    }
+  }
+  if (isa == Isa::kAvx2) {
+    switch (dtype) {
+      case at::kFloat: return {avx2::dot<avx2::F32>, avx2::axpy<avx2::F32>, scale_scalar<float>};
+      case at::kBFloat16: return {avx2::dot<avx2::BF16>, avx2::axpy<avx2::BF16>, scale_scalar<c10::BFloat16>};
+      default: return {avx2::dot<avx2::F16>, avx2::axpy<avx2::F16>, scale_scalar<c10::Half>};
+    }
+  }
+#endif
+  switch (dtype) {
+    case at::kFloat: return scalar_kernels<float>();
+    case at::kBFloat16: return scalar_kernels<c10::BFloat16>();
+    default: return scalar_kernels<c10::Half>();
+  }
+}
+
+// Positions per parallel task: enough work (~64K multiply-adds) to pay for scheduling.
+int64_t position_grain(int64_t H) { return std::max<int64_t>(1, (int64_t{1} << 16) / H); }
+
+// ---------------------------------------------------------------------------------------------
+// The op.
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> redistribute_cpu(
+    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& mask,
+    const at::Tensor& start, bool baseline_zero) {
+  check_forward(hidden, weight, bias, mask, start);
+  const int64_t B = hidden.size(0), T = hidden.size(1), H = hidden.size(2);
+  const auto f32 = hidden.options().dtype(at::kFloat);
+  at::Tensor scores = at::empty({B, T}, f32);
+  at::Tensor token_rewards = at::empty({B, T}, f32);
+  at::Tensor rewards = at::empty({B}, f32);
+  at::Tensor last_index = at::empty({B}, hidden.options().dtype(at::kLong));
+
+  const RowKernels k = kernels_for(hidden.scalar_type());
+  const char* base = static_cast<const char*>(hidden.data_ptr());
+  const int64_t elem = hidden.element_size();
+  const int64_t stride_b = hidden.stride(0) * elem, stride_t = hidden.stride(1) * elem;  // bytes
+  const float* w = weight.data_ptr<float>();
+  const float b0 = bias.has_value() ? bias->data_ptr<float>()[0] : 0.0f;
+  const uint8_t* valid = mask.data_ptr<uint8_t>();
+  const int64_t* starts = start.data_ptr<int64_t>();
+  float* s_out = scores.data_ptr<float>();
+  float* r_out = token_rewards.data_ptr<float>();
+
+  auto score_at = [&](int64_t b, int64_t t) -> float {
+    return valid[b * T + t] ? k.dot(base + b * stride_b + t * stride_t, w, H) + b0 : 0.0f;
+  };
+
+  at::parallel_for(0, B * T, position_grain(H), [&](int64_t begin, int64_t end) {
+    float prev = 0.0f;  // scores[b, t-1], carried along the chunk
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / T, t = i % T;
+      const int64_t first = clamp_start(starts[b], T);
+      if (t > 0 && i == begin) prev = score_at(b, t - 1);  // the halo row before this chunk
+      const float s = score_at(b, t);
+      s_out[i] = s;
+      r_out[i] = token_reward(s, prev, valid[i] != 0, t > 0 && valid[i - 1] != 0, t, first, baseline_zero);
+      prev = s;
+    }
+  });
+
+  float* rw_out = rewards.data_ptr<float>();
+  int64_t* last_out = last_index.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    int64_t last = T - 1;
+    while (last >= 0 && !valid[b * T + last]) --last;  // right padding is short: scan from the end
+    last_out[b] = last;
+    rw_out[b] = last >= 0 ? s_out[b * T + last] : 0.0f;
+  }
+  return {scores, rewards, token_rewards, last_index};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> redistribute_backward_cpu(
+    const at::Tensor& grad_scores, const at::Tensor& grad_rewards, const at::Tensor& grad_token_rewards,
+    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& mask, const at::Tensor& start,
+    const at::Tensor& last_index, bool baseline_zero, std::array<bool, 3> output_mask) {
+  check_backward(grad_scores, grad_rewards, grad_token_rewards, hidden, weight, mask, start, last_index);
+  const int64_t B = hidden.size(0), T = hidden.size(1), H = hidden.size(2), N = B * T;
+  const bool need_hidden = output_mask[0], need_weight = output_mask[1], need_bias = output_mask[2];
+
+  const RowKernels k = kernels_for(hidden.scalar_type());
+  const char* base = static_cast<const char*>(hidden.data_ptr());
+  const int64_t elem = hidden.element_size();
+  const int64_t stride_b = hidden.stride(0) * elem, stride_t = hidden.stride(1) * elem;
+  const float* w = weight.data_ptr<float>();
+  const uint8_t* valid = mask.data_ptr<uint8_t>();
+  const int64_t* starts = start.data_ptr<int64_t>();
+  const int64_t* last = last_index.data_ptr<int64_t>();
+  const float* gs = grad_scores.data_ptr<float>();
+  const float* gr = grad_rewards.data_ptr<float>();
+  const float* gt = grad_token_rewards.data_ptr<float>();
+
+  // The blocks depend on the shape only, never on the thread count: the sums are reproducible.
+  const int64_t num_blocks = std::min<int64_t>(N, 128);
+  const int64_t rows_per_block = (N + num_blocks - 1) / num_blocks;
+
+  at::Tensor grad_hidden = need_hidden ? at::empty({B, T, H}, hidden.options()) : empty_gradient(hidden);
+  at::Tensor partial_weight =
+      need_weight ? at::zeros({num_blocks, H}, weight.options()) : at::empty({0}, weight.options());
+  at::Tensor partial_bias = at::empty({num_blocks}, weight.options());
+  char* gh = need_hidden ? static_cast<char*>(grad_hidden.data_ptr()) : nullptr;
+  float* pw = partial_weight.data_ptr<float>();
+  float* pb = partial_bias.data_ptr<float>();
+
+  at::parallel_for(0, num_blocks, 1, [&](int64_t block_begin, int64_t block_end) {
+    for (int64_t block = block_begin; block < block_end; ++block) {
+      float bias_sum = 0.0f;
+      const int64_t row_end = std::min(N, (block + 1) * rows_per_block);
+      for (int64_t i = block * rows_per_block; i < row_end; ++i) {
+        const int64_t b = i / T, t = i % T;
+        const bool has_next = t + 1 < T;
+        const float g = score_gradient(gs[i], gr[b], gt[i], has_next ? gt[i + 1] : 0.0f, valid[i] != 0,
+                                       has_next && valid[i + 1] != 0, t == last[b], t, T,
+                                       clamp_start(starts[b], T), baseline_zero);
+        bias_sum += g;
+        if (need_hidden) k.scale(g, w, gh + i * H * elem, H);  // zeros at padding: g is 0 there
+        if (need_weight && valid[i]) k.axpy(base + b * stride_b + t * stride_t, g, pw + block * H, H);
+      }
+      pb[block] = bias_sum;
+    }
+  });
+
+  at::Tensor grad_weight = empty_gradient(weight), grad_bias = empty_gradient(weight);
+  if (need_weight) {
+    grad_weight = at::empty({H}, weight.options());
+    float* out = grad_weight.data_ptr<float>();
+    at::parallel_for(0, H, 1024, [&](int64_t h0, int64_t h1) {
+      for (int64_t h = h0; h < h1; ++h) {
+        float sum = 0.0f;
+        for (int64_t block = 0; block < num_blocks; ++block) sum += pw[block * H + h];
+        out[h] = sum;
+      }
+    });
+  }
+  if (need_bias) {
+    float sum = 0.0f;
+    for (int64_t block = 0; block < num_blocks; ++block) sum += pb[block];
+    grad_bias = at::full({1}, sum, weight.options());
+  }
+  return {grad_hidden, grad_weight, grad_bias};
+}
+
+}  // namespace
+
+const char* cpu_isa_name() { return isa_names[active_isa().load()]; }
+
+const char* supported_cpu_isas() {
+  static const char* names[] = {"'scalar'", "'scalar', 'avx2'", "'scalar', 'avx2', 'avx512'"};
+  return names[static_cast<int>(best_isa())];
+}
+
+bool set_cpu_isa(const char* name) {
+  for (int isa = 0; isa <= static_cast<int>(best_isa()); ++isa) {
+    if (std::strcmp(name, isa_names[isa]) == 0) {
+      active_isa().store(isa);
+      return true;
+    }
+  }
+  return false;
+}
+
+}  // namespace red_kernels
+
+TORCH_LIBRARY_IMPL(red_kernels, CPU, m) {
+  m.impl("redistribute", &red_kernels::redistribute_cpu);
+  m.impl("redistribute_backward", &red_kernels::redistribute_backward_cpu);
+}

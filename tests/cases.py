@@ -1,0 +1,151 @@
+"""Test cases for the op: random inputs with awkward shapes and masks, and the float64 check.
+
+Every case draws fresh random inputs (never zeros). The expected values are the spec
+evaluated in float64 on the same inputs (red_kernels.reference with compute_dtype=float64);
+a kernel's error is bounded by what float32 accumulation can give, scaled by
+sum_h |hidden * weight| at each position, so a missing or doubled term always fails.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import torch
+
+from red_kernels.reference import redistribute_reference
+
+DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
+SHAPES = [(1, 1, 1), (3, 1, 7), (4, 63, 123), (3, 17, 7), (2, 9, 4097), (5, 63, 1), (2, 40, 64)]
+PADDINGS = ["none", "right", "left", "both", "holey", "empty-row"]
+EPS32 = torch.finfo(torch.float32).eps
+# float32 accumulation error bound, in units of eps * sum_h |x*w|: the kernels keep up to 64
+# partial sums, so no float32 sum has more than ~H/16 sequential terms; this stays far below a
+# single dropped term (sum/H on average) for every H we test.
+ACCUMULATION_ULPS = 64
+
+
+@dataclasses.dataclass
+class Case:
+    B: int
+    T: int
+    H: int
+    dtype: str = "f32"
+    padding: str = "right"
+    start: str = "int"  # "int" | "tensor" (tensor includes values outside [0, T])
+    baseline: str = "prompt"
+    bias: str = "float"  # "none" | "float" | "tensor"
+    layout: str = "contiguous"  # "contiguous" | "strided" (non-contiguous hidden, unit inner stride) | "transposed"
+    seed: int = 0
+
+    @property
+    def id(self) -> str:
+        return (f"B{self.B}-T{self.T}-H{self.H}-{self.dtype}-{self.padding}-start_{self.start}-{self.baseline}"
+                f"-bias_{self.bias}-{self.layout}")
+
+
+def forward_cases() -> list[Case]:
+    """Every shape x dtype x padding; the other axes cycle so each value meets many shapes."""
+    cycle = itertools.cycle(itertools.product(["int", "tensor"], ["prompt", "zero"], ["none", "float", "tensor"],
+                                              ["contiguous", "strided", "transposed"]))
+    cases = []
+    for seed, (shape, dtype, padding) in enumerate(itertools.product(SHAPES, DTYPES, PADDINGS)):
+        start, baseline, bias, layout = next(cycle)
+        cases.append(Case(*shape, dtype=dtype, padding=padding, start=start, baseline=baseline, bias=bias,
+                          layout=layout, seed=seed))
+    return cases
+
+
+def make_mask(B: int, T: int, padding: str, generator: torch.Generator) -> torch.Tensor:
+    """An int64 [B, T] attention mask with random lengths; rows differ from one another."""
+    mask = torch.zeros(B, T, dtype=torch.int64)
+    for b in range(B):
+        n = int(torch.randint(1, T + 1, (), generator=generator))  # real tokens in this row
+        if padding == "none":
+            mask[b] = 1
+        elif padding == "right":
+            mask[b, :n] = 1
+        elif padding == "left":
+            mask[b, T - n:] = 1
+        elif padding == "both":
+            lead = int(torch.randint(0, T - n + 1, (), generator=generator))
+            mask[b, lead:lead + n] = 1
+        elif padding == "holey":
+            mask[b] = (torch.rand(T, generator=generator) < 0.6).long() * torch.randint(1, 4, (T,), generator=generator)
+        elif padding == "empty-row":
+            mask[b, :n] = 1
+            if b % 2 == 1 or B == 1:
+                mask[b] = 0
+        else:
+            raise ValueError(padding)
+    return mask
+
+
+def make_inputs(case: Case) -> dict:
+    g = torch.Generator().manual_seed(1000 + case.seed)
+    B, T, H = case.B, case.T, case.H
+    dtype = DTYPES[case.dtype]
+    full = torch.randn(B, T, H, generator=g)
+    if case.layout == "strided":  # every other position of a longer sequence: stride(1) = 2H
+        hidden = torch.randn(B, 2 * T, H, generator=g).to(dtype)[:, ::2, :]
+    elif case.layout == "transposed":  # stored [T, B, H]: stride(0) = H, stride(1) = B*H
+        hidden = full.transpose(0, 1).contiguous().to(dtype).transpose(0, 1)
+    else:
+        hidden = full.to(dtype)
+    weight = torch.randn(H, generator=g) / H ** 0.5
+    bias = {"none": None, "float": 0.25, "tensor": torch.randn(1, generator=g)}[case.bias]
+    mask = make_mask(B, T, case.padding, g)
+    if case.start == "int":
+        start = int(torch.randint(0, T + 1, (), generator=g))
+    else:
+        start = torch.randint(0, T + 1, (B,), generator=g)
+        start[0] = -3  # clamped to 0
+        if B > 1:
+            start[1] = T + 5  # clamped to T: no response tokens
+    return dict(hidden=hidden, weight=weight, bias=bias, attention_mask=mask, response_start=start,
+                baseline=case.baseline)
+
+
+def expected(inputs: dict) -> tuple[torch.Tensor, ...]:
+    """The spec in float64, and each position's accumulation scale sum_h |x*w| + |bias|."""
+    hidden, weight, bias = inputs["hidden"], inputs["weight"], inputs["bias"]
+    B = hidden.shape[0]
+    bias64 = None if bias is None else torch.as_tensor(bias, dtype=torch.float64).reshape(1)
+    start = inputs["response_start"]
+    start = start if isinstance(start, torch.Tensor) else torch.full((B,), start)
+    outputs = redistribute_reference(hidden, weight.reshape(-1), bias64, inputs["attention_mask"], start,
+                                     inputs["baseline"] == "zero", compute_dtype=torch.float64)
+    scale = hidden.double().abs() @ weight.double().abs().reshape(-1)
+    if bias64 is not None:
+        scale = scale + bias64.abs()
+    return (*outputs, scale)
+
+
+def assert_matches(out, inputs: dict) -> None:
+    """Kernel outputs versus the float64 spec, within float32 accumulation error."""
+    scores, rewards, token_rewards, last_index, scale = expected(inputs)
+    B, T = scores.shape
+    assert out.scores.dtype == torch.float32 and out.scores.shape == (B, T)
+    assert out.rewards.dtype == torch.float32 and out.rewards.shape == (B,)
+    assert out.token_rewards.dtype == torch.float32 and out.token_rewards.shape == (B, T)
+    assert out.last_index.dtype == torch.int64 and out.last_index.shape == (B,)
+    for name, tensor in out._asdict().items():
+        assert torch.isfinite(tensor.double()).all(), f"{name} has non-finite values (an unwritten element?)"
+
+    tol = ACCUMULATION_ULPS * EPS32 * scale + 1e-30
+    tol_prev = torch.nn.functional.pad(tol[:, :-1], (1, 0))
+    torch.testing.assert_close(out.last_index, last_index, rtol=0, atol=0)
+    _assert_within("scores", out.scores, scores, tol)
+    _assert_within("token_rewards", out.token_rewards, token_rewards, tol + tol_prev)
+    reward_tol = tol.gather(1, last_index.clamp(min=0).unsqueeze(1)).squeeze(1)
+    _assert_within("rewards", out.rewards, rewards, reward_tol)
+
+
+def _assert_within(name: str, actual: torch.Tensor, expected: torch.Tensor, tol: torch.Tensor) -> None:
+    error = (actual.double() - expected).abs()
+    bad = ~(error <= tol)  # NaN never passes
+    if bad.any():
+        index = tuple(bad.nonzero()[0].tolist())
+        raise AssertionError(f"{name}: {int(bad.sum())} elements out of tolerance; first at {index}: "
+                             f"got {actual[index].item()!r}, expected {expected[index].item()!r}, "
+                             f"tolerance {tol[index].item():.3g}")
