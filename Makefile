@@ -26,10 +26,10 @@ $(STAMP): $(SOURCES)
 # the Triton interpreter in a process of their own (TRITON_INTERPRET must be set before triton loads).
 test: install
 	RED_KERNELS_EXPECT_EXTENSION=1 $(PY) -m pytest tests -q -p no:cacheprovider
-	TRITON_INTERPRET=1 $(PY) -m pytest tests -q -p no:cacheprovider -k triton
+	TRITON_INTERPRET=1 $(PY) -m pytest tests -q -p no:cacheprovider -k triton -m "not gpu"
 
 test-triton: install
-	TRITON_INTERPRET=1 $(PY) -m pytest tests -q -p no:cacheprovider -k triton
+	TRITON_INTERPRET=1 $(PY) -m pytest tests -q -p no:cacheprovider -k triton -m "not gpu"
 
 demo: install
 	$(BIN)/red-ppo demo

@@ -135,13 +135,13 @@ def assert_matches(out, inputs: dict) -> None:
     tol = ACCUMULATION_ULPS * EPS32 * scale + 1e-30
     tol_prev = torch.nn.functional.pad(tol[:, :-1], (1, 0))
     torch.testing.assert_close(out.last_index, last_index, rtol=0, atol=0)
-    _assert_within("scores", out.scores, scores, tol)
-    _assert_within("token_rewards", out.token_rewards, token_rewards, tol + tol_prev)
+    assert_within("scores", out.scores, scores, tol)
+    assert_within("token_rewards", out.token_rewards, token_rewards, tol + tol_prev)
     reward_tol = tol.gather(1, last_index.clamp(min=0).unsqueeze(1)).squeeze(1)
-    _assert_within("rewards", out.rewards, rewards, reward_tol)
+    assert_within("rewards", out.rewards, rewards, reward_tol)
 
 
-def _assert_within(name: str, actual: torch.Tensor, expected: torch.Tensor, tol: torch.Tensor) -> None:
+def assert_within(name: str, actual: torch.Tensor, expected: torch.Tensor, tol: torch.Tensor) -> None:
     error = (actual.double() - expected).abs()
     bad = ~(error <= tol)  # NaN never passes
     if bad.any():
@@ -149,3 +149,99 @@ def _assert_within(name: str, actual: torch.Tensor, expected: torch.Tensor, tol:
         raise AssertionError(f"{name}: {int(bad.sum())} elements out of tolerance; first at {index}: "
                              f"got {actual[index].item()!r}, expected {expected[index].item()!r}, "
                              f"tolerance {tol[index].item():.3g}")
+
+
+def to_device(x, device):
+    """x on ``device`` with the same sizes and strides (a strided view stays a strided view)."""
+    if not isinstance(x, torch.Tensor) or torch.device(device) == x.device:
+        return x
+    return torch.empty_strided(x.size(), x.stride(), dtype=x.dtype, device=device).copy_(x)
+
+
+def _start_tensor(inputs: dict) -> torch.Tensor:
+    start = inputs["response_start"]
+    return start if isinstance(start, torch.Tensor) else torch.full((inputs["hidden"].shape[0],), start)
+
+
+def upstream_gradients(B: int, T: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """Random gradients arriving at scores, rewards and token_rewards."""
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, T, generator=generator), torch.randn(B, generator=generator),
+            torch.randn(B, T, generator=generator))
+
+
+def weighted_loss(outputs, upstream) -> torch.Tensor:
+    """sum(scores * g1) + sum(rewards * g2) + sum(token_rewards * g3): every float output gets a gradient."""
+    total = 0
+    for output, grad in zip(outputs[:3], upstream):
+        total = total + (output * grad.to(output.device, output.dtype)).sum()
+    return total
+
+
+def reference_gradients(inputs: dict, upstream) -> tuple[torch.Tensor, ...]:
+    """Autograd through the eager reference, in float64: grad of hidden, weight, bias (None without a bias tensor)."""
+    hidden = inputs["hidden"].detach().double().requires_grad_()
+    weight = inputs["weight"].detach().double().reshape(-1).requires_grad_()
+    bias = inputs["bias"]
+    bias = None if bias is None else torch.as_tensor(bias, dtype=torch.float64).reshape(1).requires_grad_()
+    outputs = redistribute_reference(hidden, weight, bias, inputs["attention_mask"], _start_tensor(inputs),
+                                     inputs["baseline"] == "zero", compute_dtype=torch.float64)
+    leaves = [hidden, weight] + ([bias] if bias is not None else [])
+    grads = torch.autograd.grad(weighted_loss(outputs, upstream), leaves)
+    return grads if bias is not None else (*grads, None)
+
+
+def output_rounding(dtype: torch.dtype, backend: str, device) -> float:
+    """Relative rounding of grad_hidden stored in the hidden dtype. The Triton interpreter (Triton
+    on CPU tensors) casts float32 -> bfloat16 by truncation, one ulp (2^-7 relative); GPUs and the
+    C++ kernel round to nearest even, half an ulp (2^-8)."""
+    if dtype == torch.bfloat16:
+        return 2.0**-7 if backend == "triton" and torch.device(device).type == "cpu" else 2.0**-8
+    return {torch.float32: 0.0, torch.float16: 2.0**-11}[dtype]
+
+
+def assert_gradients_match(case: Case, backend: str, device="cpu", inputs: dict | None = None) -> None:
+    """The op's gradients on ``device`` versus autograd through the float64 reference on the CPU.
+
+    |g[b,t]| is bounded by the upstream gradients that reach scores[b,t]; grad_hidden = g * w is
+    off by float32 rounding of g plus the output rounding of its dtype; grad_weight and grad_bias
+    are float32 sums bounded like the forward's.
+    """
+    inputs = make_inputs(case) if inputs is None else inputs
+    upstream = upstream_gradients(case.B, case.T, case.seed)
+    on_device = {name: to_device(value, device) for name, value in inputs.items()}
+    hidden = on_device["hidden"].detach().requires_grad_()
+    weight = on_device["weight"].detach().clone().requires_grad_()
+    bias = on_device["bias"]
+    if isinstance(bias, torch.Tensor):
+        bias = bias.detach().clone().requires_grad_()
+    out = redistribute_op(hidden, weight, bias, on_device, backend)
+    weighted_loss(out, upstream).backward()
+    want_hidden, want_weight, want_bias = reference_gradients(inputs, upstream)
+
+    assert hidden.grad.dtype == hidden.dtype and hidden.grad.shape == hidden.shape
+    assert weight.grad.dtype == weight.dtype
+    valid = (inputs["attention_mask"] != 0).double()
+    g_bound = valid * (upstream[0].abs() + upstream[1].abs()[:, None] + upstream[2].abs()
+                       + torch.nn.functional.pad(upstream[2].abs()[:, 1:], (0, 1))).double()
+    grad_hidden = hidden.grad.cpu()
+    tol_hidden = (4 * EPS32 * g_bound[..., None] * inputs["weight"].double().abs()
+                  + output_rounding(hidden.dtype, backend, device) * want_hidden.abs()
+                  + (2.0**-24 if hidden.dtype == torch.float16 else 0.0))  # float16's smallest subnormal
+    assert_within("grad_hidden", grad_hidden, want_hidden, tol_hidden)
+    assert (grad_hidden[valid == 0] == 0).all(), "gradient flowed into padding"
+
+    x_abs = inputs["hidden"].double().abs()
+    tol_weight = ACCUMULATION_ULPS * EPS32 * torch.einsum("bt,bth->h", g_bound, x_abs) + 1e-30
+    assert_within("grad_weight", weight.grad.cpu(), want_weight, tol_weight)
+    if isinstance(bias, torch.Tensor):
+        tol_bias = ACCUMULATION_ULPS * EPS32 * g_bound.sum().reshape(1) + 1e-30
+        assert_within("grad_bias", bias.grad.cpu().reshape(1), want_bias, tol_bias)
+
+
+def redistribute_op(hidden, weight, bias, inputs: dict, backend: str):
+    import red_kernels
+
+    return red_kernels.redistribute(hidden, weight, bias, attention_mask=inputs["attention_mask"],
+                                    response_start=inputs["response_start"], baseline=inputs["baseline"],
+                                    backend=backend)

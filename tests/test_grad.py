@@ -6,93 +6,13 @@ import pytest
 import torch
 
 import red_kernels
-from cases import ACCUMULATION_ULPS, DTYPES, EPS32, Case, forward_cases, make_inputs
+from cases import (Case, assert_gradients_match, forward_cases, make_inputs, upstream_gradients,
+                   weighted_loss)
 from conftest import TRITON_INTERPRET, fused_cpu_backends
 from red_kernels.reference import redistribute_reference
 
 FUSED = fused_cpu_backends()
 CASES = forward_cases()
-# Relative rounding of grad_hidden when it is stored in the hidden dtype. The Triton
-# interpreter casts float32 -> bfloat16 by truncation (round toward zero, one ulp = 2^-7
-# relative) where GPUs and the C++ kernel round to nearest even (half an ulp, 2^-8).
-OUTPUT_ROUNDING = {"f32": 0.0, "bf16": 2.0**-7 if TRITON_INTERPRET else 2.0**-8, "f16": 2.0**-11}
-
-
-def _start_tensor(inputs: dict) -> torch.Tensor:
-    start = inputs["response_start"]
-    B = inputs["hidden"].shape[0]
-    return start if isinstance(start, torch.Tensor) else torch.full((B,), start)
-
-
-def _upstream(B: int, T: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
-    return (torch.randn(B, T, generator=generator), torch.randn(B, generator=generator),
-            torch.randn(B, T, generator=generator))
-
-
-def _loss(outputs, upstream) -> torch.Tensor:
-    scores, rewards, token_rewards = outputs[:3]
-    g_scores, g_rewards, g_tokens = upstream
-    return ((scores * g_scores.to(scores.dtype)).sum() + (rewards * g_rewards.to(rewards.dtype)).sum()
-            + (token_rewards * g_tokens.to(token_rewards.dtype)).sum())
-
-
-def reference_gradients(inputs: dict, upstream) -> tuple[torch.Tensor, ...]:
-    """Autograd through the eager reference, in float64."""
-    hidden = inputs["hidden"].detach().double().requires_grad_()
-    weight = inputs["weight"].detach().double().reshape(-1).requires_grad_()
-    bias = inputs["bias"]
-    bias = None if bias is None else torch.as_tensor(bias, dtype=torch.float64).reshape(1).requires_grad_()
-    outputs = redistribute_reference(hidden, weight, bias, inputs["attention_mask"], _start_tensor(inputs),
-                                     inputs["baseline"] == "zero", compute_dtype=torch.float64)
-    leaves = [hidden, weight] + ([bias] if bias is not None else [])
-    grads = torch.autograd.grad(_loss(outputs, upstream), leaves)
-    return grads if bias is not None else (*grads, None)
-
-
-def _within(name, actual, expected, tol):
-    error = (actual.double() - expected).abs()
-    bad = ~(error <= tol)
-    if bad.any():
-        index = tuple(bad.nonzero()[0].tolist())
-        raise AssertionError(f"{name}: {int(bad.sum())} elements out of tolerance; first at {index}: got "
-                             f"{actual[index].item()!r}, expected {expected[index].item()!r}, tol {tol[index].item():.3g}")
-
-
-def assert_gradients_match(case: Case, backend: str) -> None:
-    inputs = make_inputs(case)
-    generator = torch.Generator().manual_seed(case.seed)
-    B, T, H = case.B, case.T, case.H
-    upstream = _upstream(B, T, generator)
-
-    hidden = inputs["hidden"].detach().requires_grad_()
-    weight = inputs["weight"].detach().clone().requires_grad_()
-    bias = inputs["bias"]
-    if isinstance(bias, torch.Tensor):
-        bias = bias.detach().clone().requires_grad_()
-    out = red_kernels.redistribute(hidden, weight, bias, attention_mask=inputs["attention_mask"],
-                                   response_start=inputs["response_start"], baseline=inputs["baseline"],
-                                   backend=backend)
-    _loss(out, upstream).backward()
-    want_hidden, want_weight, want_bias = reference_gradients(inputs, upstream)
-
-    assert hidden.grad.dtype == hidden.dtype and hidden.grad.shape == hidden.shape
-    assert weight.grad.dtype == weight.dtype
-    valid = (inputs["attention_mask"] != 0).double()
-    # |g[b,t]| <= the sum of the magnitudes of the upstream gradients that can reach scores[b,t].
-    g_bound = valid * (upstream[0].abs() + upstream[1].abs()[:, None] + upstream[2].abs()
-                       + torch.nn.functional.pad(upstream[2].abs()[:, 1:], (0, 1))).double()
-    w_abs = weight.detach().double().abs()
-    tol_hidden = (4 * EPS32 * g_bound[..., None] * w_abs + OUTPUT_ROUNDING[case.dtype] * want_hidden.abs()
-                  + (2.0**-24 if case.dtype == "f16" else 0.0))
-    _within("grad_hidden", hidden.grad, want_hidden, tol_hidden)
-    assert (hidden.grad[valid == 0] == 0).all(), "gradient flowed into padding"
-
-    x_abs = inputs["hidden"].double().abs()
-    tol_weight = ACCUMULATION_ULPS * EPS32 * torch.einsum("bt,bth->h", g_bound, x_abs) + 1e-30
-    _within("grad_weight", weight.grad, want_weight, tol_weight)
-    if isinstance(bias, torch.Tensor):
-        tol_bias = ACCUMULATION_ULPS * EPS32 * g_bound.sum().reshape(1) + 1e-30
-        _within("grad_bias", bias.grad.reshape(1), want_bias, tol_bias)
 
 
 @pytest.mark.parametrize("backend", FUSED)
@@ -111,7 +31,7 @@ def test_gradcheck_eager_reference_float64(baseline: str, padding: str) -> None:
     bias = torch.randn(1, dtype=torch.float64, requires_grad=True)
 
     def float_outputs(hidden, weight, bias):
-        return redistribute_reference(hidden, weight, bias, inputs["attention_mask"], _start_tensor(inputs),
+        return redistribute_reference(hidden, weight, bias, inputs["attention_mask"], inputs["response_start"],
                                       baseline == "zero", compute_dtype=torch.float64)[:3]
 
     assert torch.autograd.gradcheck(float_outputs, (hidden, weight, bias))
@@ -170,7 +90,7 @@ def test_padding_content_never_matters(backend: str, poison_empty) -> None:
     weight = inputs["weight"].requires_grad_()
     out = red_kernels.redistribute(hidden, weight, 0.5, attention_mask=inputs["attention_mask"],
                                    response_start=inputs["response_start"], backend=backend)
-    _loss(out, _upstream(3, 10, torch.Generator().manual_seed(0))).backward()
+    weighted_loss(out, upstream_gradients(3, 10, 0)).backward()
     for tensor in (*out[:3], hidden.grad, weight.grad):
         assert torch.isfinite(tensor).all()
 
@@ -178,13 +98,13 @@ def test_padding_content_never_matters(backend: str, poison_empty) -> None:
 @pytest.mark.parametrize("backend", FUSED)
 def test_grad_weight_is_deterministic(backend: str) -> None:
     inputs = make_inputs(Case(4, 63, 123, dtype="bf16", seed=10))
-    upstream = _upstream(4, 63, torch.Generator().manual_seed(1))
+    upstream = upstream_gradients(4, 63, 1)
     results = []
     for _ in range(3):
         weight = inputs["weight"].detach().clone().requires_grad_()
         out = red_kernels.redistribute(inputs["hidden"], weight, attention_mask=inputs["attention_mask"],
                                        response_start=inputs["response_start"], backend=backend)
-        _loss(out, upstream).backward()
+        weighted_loss(out, upstream).backward()
         results.append(weight.grad)
     assert all(torch.equal(results[0], r) for r in results[1:])
 

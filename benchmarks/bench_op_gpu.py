@@ -1,0 +1,128 @@
+"""The fused op on a GPU: `cuda` and `triton` against eager, next to a device-to-device copy.
+
+For B in {8, 32}, T in {1024, 4096}, H in {2048, 4096, 8192}, bfloat16 and float32, side by
+side in one run (triton.testing.do_bench: L2 flushed before every call, median with the 20th
+and 80th percentiles):
+  cuda    red_kernels.redistribute(..., backend="cuda"), the whole public call
+  triton  red_kernels.redistribute(..., backend="triton")
+  eager   red_kernels.redistribute(..., backend="eager"), the plain PyTorch reference
+  copy    hidden.copy_ into a second buffer: it reads and writes every byte, so the copy's
+          bandwidth is 2 * bytes / time, and `floor` = bytes / that bandwidth = copy time / 2 is
+          the time to read hidden once at the bandwidth this GPU reaches in practice.
+Every position is a real token (no padding) so every kernel reads all of hidden, and the inputs are
+already in the normalised form (float32 weight and bias tensor, uint8 mask, int64 start), so the
+timings hold the kernels and the call's Python overhead, not conversions.
+GB/s = bytes of hidden / median time.
+Targets (issue 3, on an H100): cuda within 1.25x of the floor; bf16 at least 3x faster than eager.
+Usage: python benchmarks/bench_op_gpu.py [--B 8 32] [--T 1024 4096] [--H 2048 4096 8192]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+
+import torch
+
+import red_kernels
+from timing import record
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+FLOOR_TARGET = 1.25  # cuda time / floor time, every dtype
+EAGER_TARGET = {"bf16": 3.0}  # eager time / cuda time
+QUANTILES = [0.5, 0.2, 0.8]
+
+
+def timing(fn) -> dict:
+    import triton.testing
+
+    median, p20, p80 = triton.testing.do_bench(fn, quantiles=QUANTILES)
+    return {"median_ms": median, "p20_ms": p20, "p80_ms": p80}
+
+
+def bench(B: int, T: int, H: int, dtype_name: str, providers: list[str]) -> dict:
+    dtype = DTYPES[dtype_name]
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    hidden = torch.randn(B, T, H, device="cuda", dtype=dtype, generator=generator)
+    weight = torch.randn(H, device="cuda", generator=generator) / H**0.5
+    bias = torch.full((1,), 0.1, device="cuda")
+    mask = torch.ones(B, T, device="cuda", dtype=torch.uint8)
+    start = torch.full((B,), T // 4, device="cuda", dtype=torch.int64)
+    copy_target = torch.empty_like(hidden)
+
+    def run(backend: str):
+        return lambda: red_kernels.redistribute(hidden, weight, bias, attention_mask=mask, response_start=start,
+                                                backend=backend)
+
+    gigabytes = hidden.numel() * hidden.element_size() / 1e9
+    row = {"B": B, "T": T, "H": H, "dtype": dtype_name, "hidden_GB": gigabytes}
+    with torch.inference_mode():
+        copy = timing(lambda: copy_target.copy_(hidden))
+        row["copy"] = {**copy, "GB_per_s": 2 * gigabytes / (copy["median_ms"] / 1e3)}
+        row["floor_ms"] = copy["median_ms"] / 2
+        for name in providers:
+            result = timing(run(name))
+            row[name] = {**result, "GB_per_s": gigabytes / (result["median_ms"] / 1e3),
+                         "vs_floor": result["median_ms"] / row["floor_ms"]}
+    if "eager" in row:
+        for name in ("cuda", "triton"):
+            if name in row:
+                row[name]["speedup_vs_eager"] = row["eager"]["median_ms"] / row[name]["median_ms"]
+    del hidden, copy_target
+    torch.cuda.empty_cache()
+    return row
+
+
+def targets_met(row: dict) -> bool | None:
+    if "cuda" not in row:
+        return None
+    met = row["cuda"]["vs_floor"] <= FLOOR_TARGET
+    if row["dtype"] in EAGER_TARGET and "speedup_vs_eager" in row["cuda"]:
+        met &= row["cuda"]["speedup_vs_eager"] >= EAGER_TARGET[row["dtype"]]
+    return met
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--B", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--T", type=int, nargs="+", default=[1024, 4096])
+    parser.add_argument("--H", type=int, nargs="+", default=[2048, 4096, 8192])
+    parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_op_gpu: no CUDA GPU visible")
+    usable = red_kernels.available_backends("cuda")
+    providers = [name for name in ("cuda", "triton", "eager") if name in usable]
+    missing = sorted({"cuda", "triton"} - set(usable))
+    if missing:
+        print(f"bench_op_gpu: not available here, skipped: {missing} (build_info: {red_kernels.build_info()})")
+
+    device = torch.cuda.get_device_name()
+    print(f"redistribute on {device}; median ms [p20, p80] and GB/s of hidden; floor = copy time / 2")
+    header = f"{'B':>3} {'T':>5} {'H':>5} {'dtype':5} {'copy GB/s':>10} {'floor ms':>9}"
+    for name in providers:
+        header += f" {name + ' ms':>24} {'GB/s':>6}"
+    print(header + f" {'cuda/floor':>10} {'eager/cuda':>10}  targets")
+    rows, failed = [], False
+    for B, T, H, dtype_name in itertools.product(args.B, args.T, args.H, args.dtypes):
+        row = bench(B, T, H, dtype_name, providers)
+        rows.append(row)
+        line = f"{B:3d} {T:5d} {H:5d} {dtype_name:5} {row['copy']['GB_per_s']:10.0f} {row['floor_ms']:9.3f}"
+        for name in providers:
+            r = row[name]
+            line += f" {r['median_ms']:8.3f} [{r['p20_ms']:.3f},{r['p80_ms']:.3f}] {r['GB_per_s']:6.0f}"
+        cuda = row.get("cuda", {})
+        line += f" {cuda.get('vs_floor', float('nan')):9.2f}x {cuda.get('speedup_vs_eager', float('nan')):9.2f}x"
+        met = targets_met(row)
+        failed |= met is False
+        line += "  " + {True: "met", False: "NOT met", None: "-"}[met]
+        print(line)
+    path = record("bench_op_gpu", rows, command="python benchmarks/bench_op_gpu.py", gpu=device,
+                  cuda_runtime=torch.version.cuda, build=red_kernels.build_info())
+    print(f"recorded in {path}")
+    if failed:
+        print(f"some targets were not met on this run (cuda <= {FLOOR_TARGET}x floor; bf16 >= 3x eager)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,442 @@
+"""The GPU backends (`cuda`, `triton` on CUDA tensors) and the CUDA build itself.
+
+Build checks run everywhere (CI has nvcc and no GPU): the extension reports CUDA, the CUDA
+kernels are registered for both ops, and the shared object holds code for every requested
+architecture. They need a CUDA build; RED_KERNELS_EXPECT_CUDA=1 (set in CI) turns "not built"
+from a skip into a failure.
+
+GPU tests are marked `gpu` and skip cleanly when no GPU is visible; they run in the normal
+pytest process only (under TRITON_INTERPRET=1 Triton would not compile for the GPU).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+import red_kernels
+from cases import Case, assert_gradients_match, assert_matches, forward_cases, make_inputs, to_device
+from conftest import TRITON_INTERPRET
+from red_kernels import RedistributeOutput
+
+EXPECT_CUDA = os.environ.get("RED_KERNELS_EXPECT_CUDA") == "1"
+GPU_BACKENDS = ["cuda", "triton"]
+CASES = forward_cases()
+OPS = ("red_kernels::redistribute", "red_kernels::redistribute_backward")
+
+def _require_backend(backend: str) -> None:
+    if backend not in red_kernels.available_backends("cuda"):
+        pytest.skip(f"backend {backend!r} is not available here: {red_kernels.available_backends('cuda')}")
+
+
+def _require_cuda_build() -> None:
+    if TRITON_INTERPRET:
+        pytest.skip("build checks run in the normal process")
+    if not red_kernels.build_info()["cuda"] and not EXPECT_CUDA:
+        pytest.skip("the extension was built without CUDA (set RED_KERNELS_EXPECT_CUDA=1 to make this fail)")
+
+
+# ---------------------------------------------------------------------------------------
+# The build (no GPU needed)
+
+
+def test_build_reports_cuda() -> None:
+    _require_cuda_build()
+    info = red_kernels.build_info()
+    assert info["cuda"], f"build_info()['cuda'] is False; extension error: {red_kernels._library.EXTENSION_ERROR}"
+    assert info["cuda_arch_list"], "build_info()['cuda_arch_list'] is empty"
+    assert "cuda" in red_kernels.available_backends("cuda")
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_cuda_kernel_registered(op: str) -> None:
+    _require_cuda_build()
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"), f"{op} has no CUDA kernel"
+
+
+def _cuobjdump() -> str | None:
+    """cuobjdump from PATH, the CUDA toolkit, or the copy that ships with Triton."""
+    candidates = [shutil.which("cuobjdump")]
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home:
+            candidates.append(os.path.join(home, "bin", "cuobjdump"))
+    try:
+        import triton
+
+        candidates.append(str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"))
+    except ImportError:
+        pass
+    return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
+
+
+def expected_code(arch_list: list[str]) -> tuple[set[str], set[str]]:
+    """("8.0", "9.0+PTX") -> SASS {"80", "90"}, PTX {"90"}; named entries such as "Ampere" are skipped."""
+    sass, ptx = set(), set()
+    for entry in arch_list:
+        match = re.fullmatch(r"(\d+)\.(\d+)([a-z]?)(\+PTX)?", entry.strip())
+        if match is None:
+            continue
+        arch = match[1] + match[2] + match[3]
+        sass.add(arch)
+        if match[4]:
+            ptx.add(arch)
+    return sass, ptx
+
+
+def test_expected_code_parses_arch_lists() -> None:
+    assert expected_code(["8.0", "9.0+PTX"]) == ({"80", "90"}, {"90"})
+    assert expected_code(["9.0a", "Ampere", "10.0+PTX"]) == ({"90a", "100"}, {"100"})
+
+
+def test_shared_object_holds_requested_architectures() -> None:
+    """`cuobjdump --list-elf/--list-ptx` on _C: an ELF per requested arch, PTX for each +PTX entry."""
+    _require_cuda_build()
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("cuobjdump not found (PATH, CUDA_HOME/bin, or triton's copy)")
+    sass, ptx = expected_code(red_kernels.build_info()["cuda_arch_list"])
+    assert sass, f"no numeric architecture in {red_kernels.build_info()['cuda_arch_list']}"
+    library = red_kernels._library._C.__file__
+
+    def listed(kind: str) -> set[str]:
+        run = subprocess.run([tool, f"--list-{kind}", library], capture_output=True, text=True)
+        assert run.returncode == 0, f"{tool} --list-{kind} {library} failed: {run.stderr}"
+        # Lines such as "ELF file    1: _C.1.sm_80.cubin" and "PTX file    1: _C.1.sm_90.ptx".
+        return set(re.findall(r"\b(?:sm|compute)_(\d+[a-z]?)\.(?:cubin|ptx)\b", run.stdout))
+
+    elf, ptx_found = listed("elf"), listed("ptx")
+    assert sass <= elf, f"missing SASS for sm_{sorted(sass - elf)}; cuobjdump lists {sorted(elf)}"
+    assert ptx <= ptx_found, f"missing PTX for compute_{sorted(ptx - ptx_found)}; cuobjdump lists {sorted(ptx_found)}"
+
+
+# ---------------------------------------------------------------------------------------
+# GPU helpers
+
+
+def to_cuda(x):
+    return to_device(x, "cuda")
+
+
+def inputs_to_cuda(inputs: dict) -> dict:
+    return {name: to_cuda(value) for name, value in inputs.items()}
+
+
+def to_cpu(out) -> RedistributeOutput:
+    return RedistributeOutput(*(t.cpu() for t in out))
+
+
+# ---------------------------------------------------------------------------------------
+# Forward
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+@pytest.mark.usefixtures("poison_empty")
+@pytest.mark.gpu
+def test_matches_float64_spec(case: Case, backend: str) -> None:
+    _skip_without_gpu()
+    _require_backend(backend)
+    inputs = make_inputs(case)
+    out = red_kernels.redistribute(**inputs_to_cuda(inputs), backend=backend)
+    assert all(t.is_cuda for t in out)
+    assert_matches(to_cpu(out), inputs)
+
+
+def _skip_without_gpu() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU visible")
+    if TRITON_INTERPRET:
+        pytest.skip("GPU tests run in the normal process")
+
+
+def _layout_inputs(layout: str, dtype: str, H: int, seed: int) -> dict:
+    """Hidden whose row starts are 16-byte aligned but H is not a whole number of 16-byte packs
+    ("sliced": the vector path plus its scalar tail), or whose base is 2 bytes off ("offset": the
+    scalar path for a shape that would otherwise be vectorised)."""
+    inputs = make_inputs(Case(3, 37, H, dtype=dtype, padding="both", start="tensor", seed=seed))
+    hidden = inputs["hidden"]
+    B, T, _ = hidden.shape
+    if layout == "sliced":
+        wide = torch.randn(B, T, 64 * ((H + 63) // 64 + 1)).to(hidden.dtype)
+        wide[..., :H] = hidden
+        hidden = wide[..., :H]
+    else:
+        flat = torch.randn(hidden.numel() + 8).to(hidden.dtype)
+        hidden = flat[1:1 + hidden.numel()].view(B, T, H)
+        hidden.copy_(inputs["hidden"])
+    inputs["hidden"] = hidden
+    return inputs
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("layout", ["sliced", "offset"])
+@pytest.mark.parametrize("dtype", ["f32", "bf16", "f16"])
+@pytest.mark.parametrize("H", [5, 37, 1000, 2051])
+@pytest.mark.usefixtures("poison_empty")
+@pytest.mark.gpu
+def test_vector_tail_and_unaligned_paths(backend: str, layout: str, dtype: str, H: int) -> None:
+    _skip_without_gpu()
+    _require_backend(backend)
+    inputs = _layout_inputs(layout, dtype, H, seed=H)
+    gpu_inputs = inputs_to_cuda(inputs)
+    if layout == "offset":  # keep the GPU copy 2 bytes off 16-byte alignment too
+        flat = torch.empty(inputs["hidden"].numel() + 8, dtype=inputs["hidden"].dtype, device="cuda")
+        gpu_inputs["hidden"] = flat[1:1 + inputs["hidden"].numel()].view(inputs["hidden"].shape)
+        gpu_inputs["hidden"].copy_(inputs["hidden"])
+        assert gpu_inputs["hidden"].data_ptr() % 16 != 0
+    out = red_kernels.redistribute(**gpu_inputs, backend=backend)
+    assert_matches(to_cpu(out), inputs)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("T", [1, 14, 15, 16, 31, 300])
+@pytest.mark.usefixtures("poison_empty")
+@pytest.mark.gpu
+def test_block_boundaries(backend: str, T: int) -> None:
+    """T around the CUDA kernel's 15 positions per block, every padding: the halo row, and the one
+    block per row that writes last_index and rewards."""
+    _skip_without_gpu()
+    _require_backend(backend)
+    for seed, padding in enumerate(["right", "left", "both", "holey", "empty-row"]):
+        for baseline in ("prompt", "zero"):
+            inputs = make_inputs(Case(5, T, 24, dtype="bf16", padding=padding, start="tensor", baseline=baseline,
+                                      seed=100 * T + seed))
+            out = red_kernels.redistribute(**inputs_to_cuda(inputs), backend=backend)
+            assert_matches(to_cpu(out), inputs)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.gpu
+def test_offsets_beyond_int32(backend: str) -> None:
+    """B*T*H > 2^31 elements in one tensor; checked row by row against float32 matmuls."""
+    _skip_without_gpu()
+    _require_backend(backend)
+    B, T, H = 2, 65537, 16400  # 2.15e9 elements, 4.3 GB in bfloat16
+    assert B * T * H > 2**31
+    free, _ = torch.cuda.mem_get_info()
+    if free < 3 * B * T * H * 2:
+        pytest.skip(f"needs ~{3 * B * T * H * 2 / 2**30:.0f} GiB of free GPU memory, {free / 2**30:.0f} GiB free")
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    hidden = torch.randn(B, T, H, device="cuda", dtype=torch.bfloat16, generator=generator)
+    weight = torch.randn(H, device="cuda", generator=generator) / H**0.5
+    mask = torch.ones(B, T, dtype=torch.bool, device="cuda")
+    mask[0, -3:] = False  # row 0 ends 3 tokens early: its last index is far past 2^31 / H rows
+    out = red_kernels.redistribute(hidden, weight, 0.5, attention_mask=mask, response_start=T // 2,
+                                   baseline="prompt", backend=backend)
+    for b in range(B):
+        expected = (hidden[b].float() @ weight + 0.5) * mask[b]
+        torch.testing.assert_close(out.scores[b], expected, rtol=1e-4, atol=1e-4)
+    assert out.last_index.tolist() == [T - 4, T - 1]
+    torch.testing.assert_close(out.rewards, out.scores[[0, 1], [T - 4, T - 1]], rtol=0, atol=0)
+    t = T - 1  # token rewards far into row 1 (offset (T + t) * H > 2^31)
+    torch.testing.assert_close(out.token_rewards[1, t], out.scores[1, t] - out.scores[1, t - 1], rtol=1e-6, atol=1e-6)
+    del hidden
+    torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------
+# Gradients
+
+
+def _gradient_check(case: Case, backend: str, inputs: dict | None = None) -> None:
+    """Backward on the GPU against autograd through the float64 eager reference on the CPU."""
+    assert_gradients_match(case, backend, device="cuda", inputs=inputs)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+@pytest.mark.usefixtures("poison_empty")
+@pytest.mark.gpu
+def test_gradients_match_autograd_through_eager(case: Case, backend: str) -> None:
+    _skip_without_gpu()
+    _require_backend(backend)
+    _gradient_check(case, backend)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("layout", ["sliced", "offset"])
+@pytest.mark.parametrize("dtype", ["f32", "bf16"])
+@pytest.mark.usefixtures("poison_empty")
+@pytest.mark.gpu
+def test_gradients_vector_tail_and_unaligned(backend: str, layout: str, dtype: str) -> None:
+    """H = 2051 spans a second column tile of the backward kernel, with a partial last pack."""
+    _skip_without_gpu()
+    _require_backend(backend)
+    inputs = _layout_inputs(layout, dtype, 2051, seed=5)
+    _gradient_check(Case(3, 37, 2051, dtype=dtype, seed=5), backend, inputs)
+
+
+@pytest.mark.parametrize("rows", [31, 32, 33, 257, 9000])
+@pytest.mark.usefixtures("poison_empty")
+@pytest.mark.gpu
+def test_gradients_across_chunks(rows: int) -> None:
+    """B*T around the backward kernel's row chunks (32 rows at least, 256 chunks at most)."""
+    _skip_without_gpu()
+    _require_backend("cuda")
+    _gradient_check(Case(1, rows, 40, dtype="bf16", padding="holey", start="tensor", bias="tensor", seed=rows),
+                    "cuda")
+
+
+@pytest.mark.parametrize("output_mask", [[True, False, False], [False, True, False], [False, False, True],
+                                         [True, False, True], [False, True, True]])
+@pytest.mark.usefixtures("poison_empty")
+@pytest.mark.gpu
+def test_backward_op_skips_unrequested(output_mask: list[bool]) -> None:
+    """What is not requested comes back empty; what is requested is bitwise what a full call gives."""
+    _skip_without_gpu()
+    _require_backend("cuda")
+    inputs = inputs_to_cuda(make_inputs(Case(4, 50, 300, dtype="bf16", padding="both", seed=41)))
+    B, T, H = inputs["hidden"].shape
+    mask = (inputs["attention_mask"] != 0).to(torch.uint8)
+    start = torch.full((B,), inputs["response_start"], device="cuda")
+    last_index = torch.ops.red_kernels.redistribute(inputs["hidden"], inputs["weight"], None, mask, start, False)[3]
+    args = (torch.randn(B, T, device="cuda"), torch.randn(B, device="cuda"), torch.randn(B, T, device="cuda"),
+            inputs["hidden"], inputs["weight"], mask, start, last_index, False)
+    full = torch.ops.red_kernels.redistribute_backward(*args, [True, True, True])
+    some = torch.ops.red_kernels.redistribute_backward(*args, output_mask)
+    for wanted, got, want in zip(output_mask, some, full):
+        if wanted:
+            assert torch.equal(got, want)
+        else:
+            assert got.numel() == 0
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.usefixtures("poison_empty")
+@pytest.mark.gpu
+def test_padding_content_never_matters(backend: str) -> None:
+    """NaN in hidden at padding reaches no output and no gradient: padding is never read."""
+    _skip_without_gpu()
+    _require_backend(backend)
+    inputs = inputs_to_cuda(make_inputs(Case(3, 40, 64, padding="both", start="tensor", seed=9)))
+    hidden = inputs["hidden"].clone()
+    hidden[inputs["attention_mask"] == 0] = float("nan")
+    hidden.requires_grad_()
+    weight = inputs["weight"].requires_grad_()
+    out = red_kernels.redistribute(hidden, weight, 0.5, attention_mask=inputs["attention_mask"],
+                                   response_start=inputs["response_start"], backend=backend)
+    (out.scores.sum() + out.rewards.sum() + out.token_rewards.sum()).backward()
+    for tensor in (*out[:3], hidden.grad, weight.grad):
+        assert torch.isfinite(tensor).all()
+
+
+@pytest.mark.gpu
+def test_grad_weight_is_deterministic() -> None:
+    _skip_without_gpu()
+    _require_backend("cuda")
+    inputs = inputs_to_cuda(make_inputs(Case(4, 2000, 1000, dtype="bf16", padding="holey", seed=10)))
+    upstream = torch.randn(4, 2000, device="cuda")
+    results = []
+    for _ in range(3):
+        weight = inputs["weight"].detach().clone().requires_grad_()
+        bias = torch.zeros(1, device="cuda", requires_grad=True)
+        out = red_kernels.redistribute(inputs["hidden"], weight, bias, attention_mask=inputs["attention_mask"],
+                                       response_start=inputs["response_start"], backend="cuda")
+        (out.token_rewards * upstream).sum().backward()
+        results.append((weight.grad, bias.grad))
+    assert all(torch.equal(results[0][0], w) and torch.equal(results[0][1], b) for w, b in results[1:])
+
+
+# ---------------------------------------------------------------------------------------
+# Streams, graphs, devices
+
+
+def _op_pair(backend: str):
+    if backend == "triton":
+        return torch.ops.red_kernels.redistribute_triton, torch.ops.red_kernels.redistribute_triton_backward
+    return torch.ops.red_kernels.redistribute, torch.ops.red_kernels.redistribute_backward
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.gpu
+def test_cuda_graph_capture_and_replay(backend: str) -> None:
+    """Forward and backward captured in one CUDA graph; replays on new inputs equal eager calls."""
+    _skip_without_gpu()
+    _require_backend(backend)
+    forward, backward = _op_pair(backend)
+    B, T, H = 4, 100, 256
+    static = {
+        "hidden": torch.randn(B, T, H, device="cuda", dtype=torch.bfloat16),
+        "weight": torch.randn(H, device="cuda"),
+        "bias": torch.randn(1, device="cuda"),
+        "mask": (torch.rand(B, T, device="cuda") < 0.8).to(torch.uint8),
+        "start": torch.randint(-2, T + 3, (B,), device="cuda"),
+        "g_scores": torch.randn(B, T, device="cuda"),
+        "g_rewards": torch.randn(B, device="cuda"),
+        "g_tokens": torch.randn(B, T, device="cuda"),
+    }
+
+    def step(x):
+        out = forward(x["hidden"], x["weight"], x["bias"], x["mask"], x["start"], False)
+        grads = backward(x["g_scores"], x["g_rewards"], x["g_tokens"], x["hidden"], x["weight"], x["mask"],
+                         x["start"], out[3], False, [True, True, True])
+        return (*out, *grads)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up (Triton compiles, the allocator settles) off the capture
+        for _ in range(2):
+            step(static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step(static)
+
+    for trial in range(3):
+        fresh = {name: (torch.randn_like(v) if v.is_floating_point() else v) for name, v in static.items()}
+        fresh["mask"] = (torch.rand(B, T, device="cuda") < 0.3 + 0.3 * trial).to(torch.uint8)
+        fresh["start"] = torch.randint(-2, T + 3, (B,), device="cuda")
+        for name, value in fresh.items():
+            static[name].copy_(value)
+        graph.replay()
+        expected = step(fresh)
+        for got, want in zip(captured, expected):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.gpu
+def test_runs_on_the_current_stream(backend: str) -> None:
+    """Inputs written on a side stream behind a long sleep: a kernel launched on any other stream
+    than the current one would read them before they are written."""
+    _skip_without_gpu()
+    _require_backend(backend)
+    B, T, H = 8, 512, 1024
+    new = torch.randn(B, T, H, device="cuda", dtype=torch.bfloat16)
+    weight = torch.randn(H, device="cuda") / H**0.5
+    mask = torch.ones(B, T, device="cuda", dtype=torch.bool)
+    expected = red_kernels.redistribute(new, weight, attention_mask=mask, response_start=3, backend="eager")
+    torch.cuda.synchronize()
+
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        hidden = torch.zeros(B, T, H, device="cuda", dtype=torch.bfloat16)
+        torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time on this stream only
+        hidden.copy_(new)
+        out = red_kernels.redistribute(hidden, weight, attention_mask=mask, response_start=3, backend=backend)
+    side.synchronize()
+    for got, want in zip(out, expected):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.gpu
+def test_second_device(backend: str) -> None:
+    """Tensors on cuda:1 while cuda:0 is current: the kernel runs on the tensors' device."""
+    _skip_without_gpu()
+    _require_backend(backend)
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    inputs = make_inputs(Case(3, 30, 48, dtype="bf16", padding="both", seed=51))
+    on_second = {name: value.to("cuda:1") if isinstance(value, torch.Tensor) else value
+                 for name, value in inputs.items()}
+    with torch.cuda.device(0):
+        out = red_kernels.redistribute(**on_second, backend=backend)
+    assert all(t.device == torch.device("cuda:1") for t in out)
+    assert_matches(to_cpu(out), inputs)
