@@ -24,9 +24,10 @@ $(STAMP): $(SOURCES)
 
 # The whole suite: everything on CPU (GPU tests skip without a GPU), then the Triton kernels under
 # the Triton interpreter in a process of their own (TRITON_INTERPRET must be set before triton loads).
-test: install
+test: test-kernels test-triton
+
+test-kernels: install
 	RED_KERNELS_EXPECT_EXTENSION=1 $(PY) -m pytest tests -q -p no:cacheprovider
-	TRITON_INTERPRET=1 $(PY) -m pytest tests -q -p no:cacheprovider -k triton -m "not gpu"
 
 test-triton: install
 	TRITON_INTERPRET=1 $(PY) -m pytest tests -q -p no:cacheprovider -k triton -m "not gpu"

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import numbers
 import weakref
 from typing import NamedTuple
 
@@ -29,7 +28,7 @@ import torch
 from torch import nn
 
 from red_kernels.head import ScoreHead
-from red_kernels.op import RedistributeOutput, redistribute
+from red_kernels.op import RedistributeOutput, _describe, _is_int, redistribute
 
 __all__ = ["TokenRewards", "get_reward", "get_token_rewards", "score_prefixes"]
 
@@ -58,16 +57,6 @@ class TokenRewards(NamedTuple):
 
     token_rewards: torch.Tensor  # [B, T - context_length]: aligned with query_responses[:, context_length:]
     rewards: torch.Tensor  # [B]: the sequence reward, as `get_reward`'s final_rewards (in float32)
-
-
-def _describe(x) -> str:
-    if isinstance(x, torch.Tensor):
-        return f"a tensor of shape {list(x.shape)}, dtype {x.dtype}, on {x.device}"
-    return f"{type(x).__name__} {x!r}"
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 # ---------------------------------------------------------------------------------------

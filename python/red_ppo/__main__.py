@@ -1,0 +1,5 @@
+import sys
+
+from red_ppo.cli import main
+
+sys.exit(main())

@@ -1,0 +1,183 @@
+"""Tokenizers and the four models: policy, frozen reference, critic, frozen reward model.
+
+`check_resources` runs before any model is loaded: files exist, tokenizers load, and the
+reward model's tokenizer is the policy's.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from red_kernels import ScoreHead
+from red_ppo.config import Config, ConfigError, ModelSource
+from red_ppo.rollout import position_ids
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _local_or_hub(key: str, path: str) -> None:
+    """A path that names a local file or folder must exist; anything else must read as a hub id."""
+    if Path(path).expanduser().exists():
+        return
+    looks_local = path.startswith(("/", ".", "~")) or path.count("/") > 1 or not HUB_ID.match(path)
+    if looks_local:
+        raise ConfigError(f"{key}: expected an existing local directory or a hub id, got {path!r} (not found)")
+
+
+def load_tokenizer(source: str, key: str):
+    if source == "synthetic":
+        from red_ppo.synthetic import build_tokenizer
+        return build_tokenizer()
+    _local_or_hub(key, source)
+    from transformers import AutoTokenizer
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"{key}: expected a loadable tokenizer, got {source!r} ({error})") from None
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ConfigError(f"{key}: expected a tokenizer with an EOS token, got {source!r} without one")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _tokenizer_difference(a, b) -> str | None:
+    va, vb = a.get_vocab(), b.get_vocab()
+    if va != vb:
+        if len(va) != len(vb):
+            return f"{len(vb)} tokens instead of {len(va)}"
+        token = next(t for t in sorted(va) if va[t] != vb.get(t))
+        return f"token {token!r} has id {vb.get(token)} instead of {va[token]}"
+    for name in ("eos_token_id", "bos_token_id", "pad_token_id"):
+        if getattr(a, name) != getattr(b, name):
+            return f"{name} {getattr(b, name)} instead of {getattr(a, name)}"
+    return None
+
+
+def _check_model_config(source: ModelSource, key: str, vocab: int) -> None:
+    """The model's config (not its weights): vocabulary size, and one label for a reward model."""
+    if source.config is not None:
+        size, labels, architectures = source.config.get("vocab_size"), source.config.get("num_labels", 1), []
+    else:
+        from transformers import AutoConfig
+        try:
+            config = AutoConfig.from_pretrained(source.path)
+        except (OSError, ValueError) as error:
+            raise ConfigError(f"{key}.path: expected a model directory or hub id with a config.json, "
+                              f"got {source.path!r} ({error})") from None
+        size, labels = getattr(config, "vocab_size", None), config.num_labels
+        architectures = getattr(config, "architectures", None) or []
+    if size is not None and size < vocab:
+        raise ConfigError(f"{key}: expected a vocab_size of at least {vocab} (the tokenizer's), got {size}")
+    trained_head = any(a.endswith("ForSequenceClassification") for a in architectures) or source.config is not None
+    if key == "model.reward_model" and trained_head and labels != 1:
+        raise ConfigError(f"{key}: expected a sequence-classification reward model with num_labels=1 (one score), "
+                          f"got num_labels={labels}")
+
+
+def check_resources(cfg: Config):
+    """Everything that needs files but no model: returns the policy's tokenizer."""
+    m = cfg.model
+    if cfg.data.source == "file":
+        if not Path(cfg.data.prompt_file).is_file():
+            raise ConfigError(f"data.prompt_file: expected an existing file, got {cfg.data.prompt_file!r} (not found)")
+    for name in ("policy", "reference", "reward_model"):
+        source = getattr(m, name)
+        if source is not None and source.path is not None:
+            _local_or_hub(f"model.{name}.path", source.path)
+    tokenizer = load_tokenizer(m.tokenizer or m.policy.path, "model.tokenizer")
+    rm = m.reward_model
+    rm_tokenizer_source = rm.tokenizer or (rm.path if rm.path and _has_tokenizer(rm.path) else None)
+    if rm_tokenizer_source is not None:
+        rm_tokenizer = load_tokenizer(rm_tokenizer_source, "model.reward_model.tokenizer")
+        difference = _tokenizer_difference(tokenizer, rm_tokenizer)
+        if difference is not None:
+            raise ConfigError(
+                f"model.reward_model.tokenizer: expected the policy's tokenizer ({len(tokenizer)} tokens, from "
+                f"{m.tokenizer or m.policy.path!r}), got a different one from {rm_tokenizer_source!r}: {difference}. "
+                f"The reward model must read the policy's token ids.")
+    for name in ("policy", "reference", "reward_model"):
+        source = getattr(m, name)
+        if source is not None:
+            _check_model_config(source, f"model.{name}", len(tokenizer))
+    return tokenizer
+
+
+def _has_tokenizer(path: str) -> bool:
+    folder = Path(path).expanduser()
+    return folder.is_dir() and any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
+
+
+def _config_kwargs(source: ModelSource, tokenizer, extra: dict) -> dict:
+    kwargs = dict(source.config)
+    kwargs.setdefault("vocab_size", len(tokenizer))
+    for name in ("pad_token_id", "eos_token_id", "bos_token_id"):
+        kwargs.setdefault(name, getattr(tokenizer, name))
+    kwargs.update(extra)
+    return kwargs
+
+
+def build_model(source: ModelSource, tokenizer, kind: str, cfg: Config) -> nn.Module:
+    """An AutoModelForCausalLM (``kind="causal_lm"``) or a num_labels=1 sequence classifier."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    auto = AutoModelForCausalLM if kind == "causal_lm" else AutoModelForSequenceClassification
+    extra = {} if kind == "causal_lm" else {"num_labels": 1}
+    dtype = DTYPES[cfg.model.dtype]
+    attn = {"attn_implementation": cfg.model.attn_implementation} if cfg.model.attn_implementation else {}
+    if source.path is not None:
+        model = auto.from_pretrained(source.path, dtype=dtype, **extra, **attn)
+    else:
+        kwargs = _config_kwargs(source, tokenizer, extra)
+        config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+        model = auto.from_config(config, dtype=dtype, **attn)
+    if kind != "causal_lm" and model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model
+
+
+class Critic(nn.Module):
+    """A causal-LM backbone with a value head computed by the fused op (``ScoreHead``)."""
+
+    def __init__(self, backbone: nn.Module, head: ScoreHead, backend: str = "auto") -> None:
+        super().__init__()
+        self.backbone, self.head, self.backend = backbone, head, backend
+
+    @classmethod
+    def from_reward_model(cls, reward_model: nn.Module, backend: str = "auto") -> "Critic":
+        rm = copy.deepcopy(reward_model)
+        head = getattr(rm, "score", None) or getattr(rm, "classifier", None)
+        if not isinstance(head, nn.Linear) or head.out_features != 1:
+            raise ConfigError(f"model.critic_init: expected a reward model with a linear nn.Linear(H, 1) score head "
+                              f"to initialise the critic from, got {head!r}")
+        return cls(getattr(rm, rm.base_model_prefix), ScoreHead.from_linear(head), backend)
+
+    @classmethod
+    def from_policy(cls, policy: nn.Module, backend: str = "auto") -> "Critic":
+        backbone = copy.deepcopy(getattr(policy, policy.base_model_prefix))
+        head = ScoreHead(policy.config.hidden_size, device=policy.device, dtype=policy.dtype)
+        nn.init.zeros_(head.weight)
+        nn.init.zeros_(head.bias)
+        return cls(backbone, head, backend)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int,
+                response_width: int) -> torch.Tensor:
+        """Values ``[B, R]``: the head at the last token of each state (column P - 1 + t for token t)."""
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                               position_ids=position_ids(attention_mask), use_cache=False)[0]
+        scores = self.head(hidden, attention_mask, prompt_width, backend=self.backend).scores
+        return scores[:, prompt_width - 1: prompt_width - 1 + response_width]

@@ -1,0 +1,244 @@
+"""Steps 1 and 2 of the demo: supervised pre-training of a tiny policy on the synthetic
+language, and a tiny Bradley-Terry reward model trained through the fused op's gradients.
+Both are saved with their tokenizer and reused while their settings are unchanged."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from red_kernels.hf import score_prefixes
+from red_ppo.rollout import generate_rollout, left_pad
+from red_ppo.synthetic import VOCAB, SyntheticTask, spearman
+
+CACHE_VERSION = 2
+
+
+def fingerprint(*parts) -> str:
+    text = json.dumps([CACHE_VERSION, VOCAB, *parts], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def cached(folder: Path, key: str) -> dict | None:
+    marker = folder / "pretrain.json"
+    if marker.is_file():
+        info = json.loads(marker.read_text())
+        if info.get("fingerprint") == key:
+            return info
+    return None
+
+
+def _warmup_cosine(step: int, total: int) -> float:
+    warmup = max(1, total // 20)
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def _encode(tokenizer, prompts: list[str], responses: list[str]) -> list[tuple[list[int], list[int]]]:
+    p = tokenizer(prompts)["input_ids"]
+    r = tokenizer(responses, add_special_tokens=False)["input_ids"]
+    return list(zip(p, r))
+
+
+def _right_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
+def pretrain_policy(task: SyntheticTask, tokenizer, s, folder: Path, log=print) -> dict:
+    """Step 1: next-token training on the language's samples (loss on response tokens)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    key = fingerprint("sft", s.seed, s.max_words, s.policy_config, s.sft_steps, s.sft_batch_size, s.sft_lr)
+    info = cached(folder, key)
+    if info is not None:
+        log(f"[1/3] supervised policy: reusing {folder}")
+        return info
+    t0 = time.perf_counter()
+    rng = random.Random(s.seed)
+    torch.manual_seed(s.seed)
+    kwargs = dict(s.policy_config)
+    config = AutoConfig.for_model(kwargs.pop("model_type"), vocab_size=len(tokenizer),
+                                  pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                                  eos_token_id=tokenizer.eos_token_id, **kwargs)
+    model = AutoModelForCausalLM.from_config(config)
+    opt = torch.optim.AdamW(model.parameters(), lr=s.sft_lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: _warmup_cosine(i, s.sft_steps))
+    losses = []
+    model.train()
+    for step in range(s.sft_steps):
+        prompts = [task.sample_prompt(rng) for _ in range(s.sft_batch_size)]
+        responses = [task.sample_response(rng, p.split()[0]) for p in prompts]
+        pairs = _encode(tokenizer, prompts, responses)
+        ids, mask = _right_pad([p + r for p, r in pairs], tokenizer.pad_token_id)
+        labels = ids.masked_fill(mask == 0, -100)
+        for i, (p, _) in enumerate(pairs):
+            labels[i, : len(p)] = -100
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    model.eval()
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    info = {"fingerprint": key, "parameters": sum(p.numel() for p in model.parameters()),
+            "final_loss": float(np.mean(losses[-20:])) if losses else None, "seconds": time.perf_counter() - t0}
+    (folder / "pretrain.json").write_text(json.dumps(info, indent=2))
+    log(f"[1/3] supervised policy: {info['parameters']:,} parameters, {s.sft_steps} steps, "
+        f"loss {info['final_loss']:.3f}, {info['seconds']:.0f}s")
+    return info
+
+
+@torch.no_grad()
+def sample_policy_responses(policy, tokenizer, prompts: list[str], max_new_tokens: int,
+                            chunk: int = 256) -> list[list[int]]:
+    """Responses (token ids, truncated after EOS) sampled at temperature 1 from ``policy``."""
+    from red_ppo.config import GenerationConfig
+
+    gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=1.0, top_k=0, top_p=1.0)
+    out = []
+    for start in range(0, len(prompts), chunk):
+        ids, mask = left_pad(tokenizer(prompts[start:start + chunk])["input_ids"], tokenizer.pad_token_id)
+        rollout = generate_rollout(policy, ids, mask, gen, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        out += rollout.response_lists()
+    return out
+
+
+def _response_pool(task, tokenizer, policy, rng: random.Random, count: int, max_new_tokens: int):
+    """Pairs of responses to one prompt (rows 2i and 2i + 1): the first half of the rows sampled
+    from the supervised policy, the second half from the language with perturbations."""
+    prompts = [p for p in (task.sample_prompt(rng) for _ in range(count // 2)) for _ in range(2)]
+    half = 2 * (len(prompts) // 4)
+    from_policy = sample_policy_responses(policy, tokenizer, prompts[:half], max_new_tokens)
+    texts = [task.sample_response(rng, p.split()[0], max_words=max_new_tokens - 2, perturb=rng.random() < 0.5)
+             for p in prompts[half:]]
+    from_language = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    responses = [r[:max_new_tokens] for r in from_policy + from_language]
+    return [ids for ids in tokenizer(prompts)["input_ids"]], responses
+
+
+def _batch_scores(rm, tokenizer, prompts: list[list[int]], responses: list[list[int]], baseline: str = "prompt"):
+    """The fused op's output on right-padded ``prompt + response`` rows (response_start per row)."""
+    ids, mask = _right_pad([p + r for p, r in zip(prompts, responses)], tokenizer.pad_token_id)
+    start = torch.tensor([len(p) for p in prompts])
+    return score_prefixes(rm, ids, mask, start, baseline=baseline, backend="auto"), start
+
+
+def train_reward_model(task: SyntheticTask, tokenizer, sft_folder: Path, s, folder: Path, max_new_tokens: int,
+                       baseline: str = "prompt", log=print) -> dict:
+    """Step 2: Bradley-Terry on noisy preference pairs, gradients through `redistribute`'s rewards."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    sft_key = json.loads((sft_folder / "pretrain.json").read_text())["fingerprint"]
+    key = fingerprint("rm", sft_key,
+                      s.seed, s.rm_pairs, s.rm_epochs, s.rm_batch_size, s.rm_lr, s.label_temperature,
+                      s.heldout_responses, max_new_tokens, baseline)
+    info = cached(folder, key)
+    if info is not None:
+        log(f"[2/3] reward model: reusing {folder}")
+        return info
+    t0 = time.perf_counter()
+    rng = random.Random(s.seed + 1)
+    torch.manual_seed(s.seed + 1)
+    policy = AutoModelForCausalLM.from_pretrained(sft_folder).eval()
+    pool_prompts, pool = _response_pool(task, tokenizer, policy, rng, 2 * s.rm_pairs, max_new_tokens)
+    held_prompts, held = _response_pool(task, tokenizer, policy, rng, s.heldout_responses, max_new_tokens)
+    chosen, rejected, agree = [], [], 0
+    for i in range(s.rm_pairs):
+        prompt, a, b = pool_prompts[2 * i], pool[2 * i], pool[2 * i + 1]
+        gap = task.score(prompt, a) - task.score(prompt, b)
+        a_wins = rng.random() < 1.0 / (1.0 + math.exp(-gap / s.label_temperature))
+        agree += (gap > 0) == a_wins if gap != 0 else 0.5
+        chosen.append((prompt, a if a_wins else b))
+        rejected.append((prompt, b if a_wins else a))
+
+    rm = AutoModelForSequenceClassification.from_pretrained(sft_folder, num_labels=1)
+    rm.config.pad_token_id = tokenizer.pad_token_id
+    rm.train()
+    steps = s.rm_epochs * math.ceil(s.rm_pairs / s.rm_batch_size)
+    opt = torch.optim.AdamW(rm.parameters(), lr=s.rm_lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: _warmup_cosine(i, steps))
+    generator = torch.Generator().manual_seed(s.seed + 2)
+    losses = []
+    for _ in range(s.rm_epochs):
+        order = torch.randperm(s.rm_pairs, generator=generator).tolist()
+        for start in range(0, s.rm_pairs, s.rm_batch_size):
+            index = order[start:start + s.rm_batch_size]
+            rows = [chosen[i] for i in index] + [rejected[i] for i in index]
+            out, _ = _batch_scores(rm, tokenizer, [p for p, _ in rows], [r for _, r in rows])
+            good, bad = out.rewards[: len(index)], out.rewards[len(index):]
+            loss = -F.logsigmoid(good - bad).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(rm.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+    rm.eval()
+    folder.mkdir(parents=True, exist_ok=True)
+    rm.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    info = {"fingerprint": key, "final_loss": float(np.mean(losses[-20:])), "label_agreement": agree / s.rm_pairs,
+            **credit_fidelity(rm, tokenizer, task, held_prompts, held, baseline),
+            "seconds": time.perf_counter() - t0}
+    (folder / "pretrain.json").write_text(json.dumps(info, indent=2))
+    log(f"[2/3] reward model: {s.rm_pairs} pairs (labels agree with the truth {info['label_agreement']:.0%}), "
+        f"loss {info['final_loss']:.3f}, held-out accuracy {info['heldout_accuracy']:.1%}, "
+        f"RED credit fidelity rho={info['fidelity_spearman']:.3f}, {info['seconds']:.0f}s")
+    return info
+
+
+@torch.no_grad()
+def credit_fidelity(rm, tokenizer, task: SyntheticTask, prompts: list[list[int]], responses: list[list[int]],
+                    baseline: str = "prompt") -> dict:
+    """How well RED's token rewards rank the true per-token contributions on held-out responses.
+
+    ``fidelity_spearman`` pools every response token; ``fidelity_spearman_per_response`` averages
+    the rank correlation within responses of at least 3 tokens whose truth is not constant.
+    ``heldout_accuracy`` is the reward model's pairwise accuracy on the pairs (rows 2i, 2i + 1
+    answer one prompt; true ties left out): Bradley-Terry only identifies score differences
+    between responses to one prompt, so pairs across prompts would not measure it.
+    """
+    red, truth, per_response, seq_scores = [], [], [], []
+    for start in range(0, len(prompts), 256):
+        p, r = prompts[start:start + 256], responses[start:start + 256]
+        out, begin = _batch_scores(rm, tokenizer, p, r, baseline)
+        for row, (pi, ri) in enumerate(zip(p, r)):
+            tokens = out.token_rewards[row, begin[row]: begin[row] + len(ri)].tolist()
+            true = task.token_credit(pi, ri)
+            if not ri:
+                continue
+            red += tokens
+            truth += true
+            if len(ri) >= 3 and len(set(true)) > 1:
+                per_response.append(spearman(tokens, true))
+        seq_scores += out.rewards.tolist()
+    true_scores = [task.score(p, r) for p, r in zip(prompts, responses)]
+    correct = total = 0
+    for i in range(0, len(prompts) - 1, 2):
+        gap = true_scores[i] - true_scores[i + 1]
+        if gap != 0:
+            total += 1
+            correct += (seq_scores[i] - seq_scores[i + 1] > 0) == (gap > 0)
+    return {"fidelity_spearman": spearman(red, truth),
+            "fidelity_spearman_per_response": float(np.nanmean(per_response)) if per_response else float("nan"),
+            "fidelity_tokens": len(red), "fidelity_responses": sum(1 for r in responses if r),
+            "heldout_accuracy": correct / max(1, total), "score_spearman": spearman(seq_scores, true_scores)}

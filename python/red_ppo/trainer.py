@@ -1,0 +1,419 @@
+"""The PPO trainer: rollout, sparse or RED rewards with a KL penalty, GAE, clipped PPO
+updates of the policy and the critic, checkpoints that resume exactly, and logging."""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from red_kernels.hf import score_prefixes
+from red_ppo import checkpoint as ckpt
+from red_ppo.config import Config, ConfigError, to_dict
+from red_ppo.data import PromptSampler, read_prompt_texts, split_prompts, tokenize_prompts
+from red_ppo.gae import compute_gae
+from red_ppo.losses import explained_variance, policy_loss, value_loss
+from red_ppo.metrics import MetricsLog
+from red_ppo.models import Critic, build_model, check_resources, freeze
+from red_ppo.rewards import kl_per_token, make_kl_controller, masked_mean, mixed_rewards, shape_rewards, \
+    sparse_rewards, whiten
+from red_ppo.rollout import Rollout, entropy_from_logits, gather_logprobs, generate_rollout, left_pad, \
+    response_logits, rollout_logprobs
+
+POSTFIX = (("score", "reward/score"), ("kl", "kl/sequence"), ("gt", "gt/score"))
+# Changing these between an interrupted run and its resumption does not change the results
+# (evaluation runs on its own RNG state); run.total_steps may grow when the schedule is constant.
+RESUMABLE_CHANGES = {"run.save_every", "run.keep_checkpoints", "run.progress", "run.overwrite", "run.output_dir",
+                     "run.eval_every"}
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss or gradient norm became NaN or infinite; the models were not updated with it."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"run.device: expected a usable device, got {name!r} but no CUDA GPU is visible")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def lr_lambda(warmup: int, total: int, schedule: str) -> Callable[[int], float]:
+    def factor(update: int) -> float:
+        if update < warmup:
+            return (update + 1) / warmup
+        progress = min(1.0, (update - warmup) / max(1, total - warmup))
+        if schedule == "linear":
+            return 1.0 - progress
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
+    return factor
+
+
+def _flatten(data: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and key not in ("config",):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+class PPOTrainer:
+    """``PPOTrainer(cfg).train()``; ``sample_metrics(prompts, responses) -> dict`` adds metrics
+    computed from the sampled token ids (the demo's ground truth)."""
+
+    def __init__(self, cfg: Config, *, tokenizer=None,
+                 sample_metrics: Callable[[list, list], dict] | None = None) -> None:
+        self.cfg = cfg
+        self.out = Path(cfg.run.output_dir)
+        self.device = resolve_device(cfg.run.device)
+        tokenizer = check_resources(cfg) if tokenizer is None else tokenizer
+        if cfg.run.num_threads:
+            torch.set_num_threads(cfg.run.num_threads)
+        if cfg.run.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        self.tokenizer = tokenizer
+        self.pad_id, self.eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+        if sample_metrics is None and cfg.data.source == "synthetic":
+            from red_ppo.synthetic import SyntheticTask
+            sample_metrics = SyntheticTask(cfg.synthetic.max_words).metrics
+        self.sample_metrics = sample_metrics
+
+        prompts = tokenize_prompts(read_prompt_texts(cfg), tokenizer, cfg.data.max_prompt_length)
+        train_prompts, self.eval_prompts = split_prompts(prompts, cfg.run.eval_prompts, cfg.run.seed)
+        self.sampler = PromptSampler(train_prompts, cfg.run.seed)
+        self.shuffle = torch.Generator().manual_seed(cfg.run.seed + 1)
+
+        seed_everything(cfg.run.seed)
+        m = cfg.model
+        self.policy = build_model(m.policy, tokenizer, "causal_lm", cfg).to(self.device).eval()
+        if m.reference is None:
+            self.reference = freeze(copy.deepcopy(self.policy))
+        else:
+            self.reference = freeze(build_model(m.reference, tokenizer, "causal_lm", cfg).to(self.device))
+        self.reward_model = freeze(build_model(m.reward_model, tokenizer, "seq_cls", cfg).to(self.device))
+        if m.critic_init == "reward_model":
+            self.critic = Critic.from_reward_model(self.reward_model, cfg.reward.backend)
+        else:
+            self.critic = Critic.from_policy(self.policy, cfg.reward.backend)
+        self.critic.requires_grad_(True)
+        self.critic.to(self.device).eval()
+
+        o = cfg.optim
+        updates = cfg.run.total_steps * cfg.ppo.epochs * (cfg.rollout.batch_size // cfg.ppo.minibatch_size)
+        self.optimizers, self.schedulers = {}, {}
+        for name, model, lr in (("policy", self.policy, o.policy_lr), ("critic", self.critic, o.critic_lr)):
+            opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+            self.optimizers[name] = opt
+            schedule = lr_lambda(o.warmup_steps, updates, o.schedule)
+            self.schedulers[name] = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        self.kl_controller = make_kl_controller(cfg.reward)
+        self.step, self.samples = 0, 0
+        self.last_checkpoint: Path | None = None
+        self._stop_requested = False
+
+    # ------------------------------------------------------------------ rollout
+
+    def score_rollout(self, rollout: Rollout):
+        """One reward-model pass through the fused op, and the critic's values, chunked."""
+        scores, token_rewards, values = [], [], []
+        chunk, R = self.cfg.rollout.forward_batch_size, rollout.response_mask.shape[1]
+        for start in range(0, rollout.input_ids.shape[0], chunk):
+            part = rollout.select(torch.arange(start, min(start + chunk, rollout.input_ids.shape[0])))
+            out = score_prefixes(self.reward_model, part.input_ids, part.attention_mask, part.prompt_width,
+                                 baseline=self.cfg.reward.baseline, backend=self.cfg.reward.backend)
+            scores.append(out.rewards)
+            token_rewards.append(out.token_rewards)
+            values.append(self.critic(part.input_ids, part.attention_mask, part.prompt_width, R).float())
+        return torch.cat(scores), torch.cat(token_rewards), torch.cat(values) * rollout.response_mask
+
+    @torch.no_grad()
+    def make_experience(self, rollout: Rollout) -> dict:
+        cfg, mask = self.cfg, rollout.response_mask
+        temperature, chunk = cfg.generation.temperature, cfg.rollout.forward_batch_size
+        logprobs = rollout_logprobs(self.policy, rollout, temperature, chunk)
+        ref_logprobs = rollout_logprobs(self.reference, rollout, temperature, chunk)
+        scores, token_rewards, values = self.score_rollout(rollout)
+        rm_rewards = mixed_rewards(cfg.reward.mode, scores, token_rewards, rollout.prompt_width, mask,
+                                   cfg.reward.beta_c)
+        no_eos = ~(rollout.responses == self.eos_id).any(1)
+        if cfg.reward.missing_eos_penalty is not None:
+            rm_rewards = rm_rewards - cfg.reward.missing_eos_penalty * sparse_rewards(no_eos.float(), mask)
+        kl = kl_per_token(logprobs, ref_logprobs, cfg.reward.kl_estimator) * mask
+        rewards = shape_rewards(rm_rewards, kl, mask, self.kl_controller.value, cfg.reward.clip, cfg.reward.whiten)
+        advantages, returns = compute_gae(rewards, values, mask, cfg.ppo.gamma, cfg.ppo.lam)
+        raw_advantages = advantages
+        if cfg.ppo.whiten_advantages:
+            advantages = whiten(advantages, mask)
+        k1 = (logprobs - ref_logprobs) * mask
+        stats = {
+            "reward/score": scores.mean().item(),
+            "reward/score_std": scores.std().item() if scores.numel() > 1 else 0.0,
+            "reward/rm_token_sum": rm_rewards.sum(1).mean().item(),
+            "reward/total": rewards.sum(1).mean().item(),
+            "kl/sequence": k1.sum(1).mean().item(),
+            "kl/penalty_sequence": kl.sum(1).mean().item(),
+            "kl/coef": self.kl_controller.value,
+            "value/mean": masked_mean(values, mask).item(),
+            "value/explained_variance": explained_variance(values, returns, mask),
+            "advantage/mean": masked_mean(raw_advantages, mask).item(),
+            "return/mean": masked_mean(returns, mask).item(),
+            "response/length": mask.sum(1).mean().item(),
+            "response/no_eos_fraction": no_eos.float().mean().item(),
+        }
+        return {"logprobs": logprobs, "values": values, "advantages": advantages, "returns": returns,
+                "penalty_kl": kl, "stats": stats}
+
+    # ------------------------------------------------------------------ update
+
+    def _check_finite(self, name: str, value: torch.Tensor) -> None:
+        if not torch.isfinite(value).all():
+            where = (f"the last good checkpoint is {self.last_checkpoint} (continue with --resume)"
+                     if self.last_checkpoint else "no checkpoint had been written yet")
+            raise NonFiniteLossError(
+                f"step {self.step + 1}: the {name} is {value.item()}, not finite; the run stopped before updating "
+                f"the models with it, and {where}")
+
+    def ppo_update(self, rollout: Rollout, exp: dict) -> dict:
+        cfg, p = self.cfg, self.cfg.ppo
+        B, R = rollout.response_mask.shape
+        micro = p.minibatch_size // p.grad_accum_steps
+        totals: dict[str, float] = {}
+        counts = 0
+        for _ in range(p.epochs):
+            order = torch.randperm(B, generator=self.shuffle)
+            for start in range(0, B, p.minibatch_size):
+                minibatch = order[start:start + p.minibatch_size]
+                for opt in self.optimizers.values():
+                    opt.zero_grad(set_to_none=True)
+                for micro_start in range(0, p.minibatch_size, micro):
+                    index = minibatch[micro_start:micro_start + micro].to(self.device)
+                    stats = self._micro_step(rollout.select(index), exp, index)
+                    for key, value in stats.items():
+                        totals[key] = totals.get(key, 0.0) + value
+                    counts += 1
+                for name, model in (("policy", self.policy), ("critic", self.critic)):
+                    norm = self._clip_grad(model)
+                    self._check_finite(f"{name} gradient norm", norm)
+                    key = f"grad_norm/{name}"  # once per minibatch; averaged over micro-batches below
+                    totals[key] = totals.get(key, 0.0) + norm.item() * p.grad_accum_steps
+                    self.optimizers[name].step()
+                    self.schedulers[name].step()
+        return {key: value / counts for key, value in totals.items()}
+
+    def _clip_grad(self, model) -> torch.Tensor:
+        limit = self.cfg.ppo.max_grad_norm
+        parameters = [q for q in model.parameters() if q.grad is not None]
+        return torch.nn.utils.clip_grad_norm_(parameters, limit if limit is not None else float("inf"))
+
+    def _micro_step(self, part: Rollout, exp: dict, index: torch.Tensor) -> dict:
+        p, accum = self.cfg.ppo, self.cfg.ppo.grad_accum_steps
+        mask = part.response_mask
+        logits = response_logits(self.policy, part.input_ids, part.attention_mask, part.prompt_width,
+                                 self.cfg.generation.temperature)
+        logprobs = gather_logprobs(logits, part.responses)
+        entropy = masked_mean(entropy_from_logits(logits), mask)
+        pg_loss, pg_stats = policy_loss(logprobs, exp["logprobs"][index], exp["advantages"][index], mask,
+                                        p.clip_range)
+        loss = pg_loss - p.entropy_coef * entropy
+        self._check_finite("policy loss", pg_loss)
+        values = self.critic(part.input_ids, part.attention_mask, part.prompt_width, mask.shape[1]).float()
+        vf_loss, vf_stats = value_loss(values, exp["values"][index], exp["returns"][index], mask, p.value_clip_range)
+        self._check_finite("value loss", vf_loss)
+        (loss / accum).backward()
+        (vf_loss / accum).backward()
+        return {"loss/policy": pg_loss.item(), "loss/value": vf_loss.item(), "policy/entropy": entropy.item(),
+                "policy/clipfrac": pg_stats["clipfrac"].item(), "policy/approx_kl": pg_stats["approx_kl"].item(),
+                "value/clipfrac": vf_stats["clipfrac"].item()}
+
+    # ------------------------------------------------------------------ one step
+
+    def train_step(self) -> dict:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        prompts = self.sampler.next_batch(cfg.rollout.batch_size)
+        prompt_ids, prompt_mask = left_pad(prompts, self.pad_id, self.device)
+        rollout = generate_rollout(self.policy, prompt_ids, prompt_mask, cfg.generation, self.eos_id, self.pad_id)
+        t1 = time.perf_counter()
+        exp = self.make_experience(rollout)
+        t2 = time.perf_counter()
+        update = self.ppo_update(rollout, exp)
+        t3 = time.perf_counter()
+        self.kl_controller.update(exp["penalty_kl"].sum(1).mean().item(), cfg.rollout.batch_size)
+        self.samples += cfg.rollout.batch_size
+        tokens = rollout.response_mask.sum().item()
+        row = {"step": self.step + 1, "samples": self.samples, **exp["stats"], **update,
+               "lr/policy": self.schedulers["policy"].get_last_lr()[0],
+               "lr/critic": self.schedulers["critic"].get_last_lr()[0],
+               "time/rollout_s": t1 - t0, "time/score_s": t2 - t1, "time/update_s": t3 - t2, "time/step_s": t3 - t0,
+               "throughput/tokens_per_s": tokens / (t3 - t0), "throughput/samples_per_s": len(prompts) / (t3 - t0)}
+        if self.sample_metrics is not None:
+            row.update(self.sample_metrics(rollout.prompt_lists(), rollout.response_lists()))
+        return row
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Sample once per held-out prompt with a fixed seed, leaving the training RNG untouched."""
+        cfg = self.cfg
+        if not self.eval_prompts:
+            return {}
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        scores, kls, lengths, prompts, responses = [], [], [], [], []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(cfg.run.seed + 2)
+            chunk = cfg.rollout.forward_batch_size
+            for start in range(0, len(self.eval_prompts), chunk):
+                ids, mask = left_pad(self.eval_prompts[start:start + chunk], self.pad_id, self.device)
+                rollout = generate_rollout(self.policy, ids, mask, cfg.generation, self.eos_id, self.pad_id)
+                logprobs = rollout_logprobs(self.policy, rollout, cfg.generation.temperature, chunk)
+                ref = rollout_logprobs(self.reference, rollout, cfg.generation.temperature, chunk)
+                out = score_prefixes(self.reward_model, rollout.input_ids, rollout.attention_mask,
+                                     rollout.prompt_width, baseline=cfg.reward.baseline, backend=cfg.reward.backend)
+                scores.append(out.rewards)
+                kls.append((logprobs - ref).sum(1))
+                lengths.append(rollout.response_mask.sum(1))
+                prompts += rollout.prompt_lists()
+                responses += rollout.response_lists()
+        row = {"eval/score": torch.cat(scores).mean().item(), "eval/kl_sequence": torch.cat(kls).mean().item(),
+               "eval/response_length": torch.cat(lengths).mean().item()}
+        if self.sample_metrics is not None:
+            row.update({f"eval/{k}": v for k, v in self.sample_metrics(prompts, responses).items()})
+        return row
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step, "samples": self.samples, "config": to_dict(self.cfg),
+            "policy": self.policy.state_dict(), "critic": self.critic.state_dict(),
+            "optimizers": {k: v.state_dict() for k, v in self.optimizers.items()},
+            "schedulers": {k: v.state_dict() for k, v in self.schedulers.items()},
+            "kl_controller": self.kl_controller.state_dict(), "sampler": self.sampler.state_dict(),
+            "shuffle": self.shuffle.get_state(), "rng": ckpt.rng_state(),
+            "threads": torch.get_num_threads(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        mine, theirs = _flatten(to_dict(self.cfg)), _flatten(state["config"])
+        allowed = set(RESUMABLE_CHANGES)
+        if self.cfg.optim.schedule == "constant" and mine["run.total_steps"] >= state["step"]:
+            allowed.add("run.total_steps")  # training longer: nothing done so far depended on the length
+        changed = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k) and k not in allowed)
+        if changed:
+            details = "; ".join(f"{k}: checkpoint {theirs.get(k)!r}, now {mine.get(k)!r}" for k in changed[:5])
+            raise ConfigError(f"--resume: expected the configuration of the interrupted run, got changes in "
+                              f"{changed} ({details}); only {sorted(allowed)} may change")
+        self.policy.load_state_dict(state["policy"])
+        self.critic.load_state_dict(state["critic"])
+        for name in self.optimizers:
+            self.optimizers[name].load_state_dict(state["optimizers"][name])
+            self.schedulers[name].load_state_dict(state["schedulers"][name])
+        self.kl_controller.load_state_dict(state["kl_controller"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.shuffle.set_state(state["shuffle"])
+        ckpt.restore_rng_state(state["rng"])
+        self.step, self.samples = state["step"], state["samples"]
+
+    def save(self) -> Path:
+        self.last_checkpoint = ckpt.save_checkpoint(self.out / "checkpoints", self.step, self.state_dict(),
+                                                    self.cfg.run.keep_checkpoints)
+        return self.last_checkpoint
+
+    def save_final(self) -> None:
+        folder = self.out / "final"
+        self.policy.save_pretrained(folder / "policy")
+        self.tokenizer.save_pretrained(folder / "policy")
+        ckpt.atomic_save(self.critic.state_dict(), folder / "critic.pt")
+
+    # ------------------------------------------------------------------ the loop
+
+    def _prepare_folder(self, resume: bool) -> int | None:
+        if resume:
+            path = ckpt.latest_checkpoint(self.out / "checkpoints")
+            if path is None:
+                raise ConfigError(f"--resume: expected a checkpoint in {self.out / 'checkpoints'}, found none")
+            self.load_state_dict(ckpt.load_checkpoint(path))
+            self.last_checkpoint = path
+            return self.step
+        if (self.out / "metrics.jsonl").exists() or (self.out / "checkpoints").exists():
+            if not self.cfg.run.overwrite:
+                raise ConfigError(f"run.output_dir: expected a folder without a previous run, got {str(self.out)!r} "
+                                  f"which holds one; continue it with --resume or set run.overwrite=true")
+            for name in ("checkpoints", "tb", "final"):
+                shutil.rmtree(self.out / name, ignore_errors=True)
+        self.out.mkdir(parents=True, exist_ok=True)
+        return None
+
+    def _on_signal(self, signum, frame) -> None:
+        if self._stop_requested:
+            raise KeyboardInterrupt
+        self._stop_requested = True
+
+    def train(self, resume: bool = False, stop_after: int | None = None) -> list[dict]:
+        """Run to ``run.total_steps`` (or stop after step ``stop_after``, with a checkpoint).
+
+        SIGINT/SIGTERM finish the current step, write a checkpoint and return; a second one aborts.
+        """
+        cfg = self.cfg
+        resume_step = self._prepare_folder(resume)
+        (self.out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        log = MetricsLog(self.out, resume_step)
+        handlers = {}
+        if threading.current_thread() is threading.main_thread():
+            handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        history = []
+        # disable=None: a live bar on a terminal, nothing when the console is a log file.
+        bar = tqdm(total=cfg.run.total_steps, initial=self.step, disable=None if cfg.run.progress else True,
+                   dynamic_ncols=True, desc=self.out.name, unit="step")
+        try:
+            if resume_step is None and cfg.run.eval_every:
+                row = {"step": 0, "samples": 0, **self.evaluate()}  # the starting policy, for reference
+                log.write(row)
+                history.append(row)
+            while self.step < cfg.run.total_steps:
+                row = self.train_step()
+                self.step += 1
+                last = self.step == cfg.run.total_steps
+                if last or (cfg.run.eval_every and self.step % cfg.run.eval_every == 0):
+                    row.update(self.evaluate())
+                log.write(row)
+                history.append(row)
+                stop = self._stop_requested or (stop_after is not None and self.step >= stop_after)
+                if last or stop or (cfg.run.save_every and self.step % cfg.run.save_every == 0):
+                    self.save()
+                bar.update(1)
+                bar.set_postfix({name: f"{row[k]:.3g}" for name, k in POSTFIX if row.get(k) is not None}, refresh=False)
+                if stop:
+                    break
+        finally:
+            bar.close()
+            log.close()
+            for s, handler in handlers.items():
+                signal.signal(s, handler)
+        if self.step == cfg.run.total_steps:
+            self.save_final()
+            from red_ppo.plot import plot_runs
+            plot_runs([self.out], self.out / "reward_curves.png")
+        return history
