@@ -245,3 +245,17 @@ def redistribute_op(hidden, weight, bias, inputs: dict, backend: str):
     return red_kernels.redistribute(hidden, weight, bias, attention_mask=inputs["attention_mask"],
                                     response_start=inputs["response_start"], baseline=inputs["baseline"],
                                     backend=backend)
+
+
+def assert_padding_never_read(backend: str, device="cpu", case: Case | None = None) -> None:
+    """NaN in hidden at padding positions reaches no output and no gradient: padding is never read."""
+    case = case or Case(3, 10, 16, padding="both", start="tensor", seed=9)
+    inputs = {name: to_device(value, device) for name, value in make_inputs(case).items()}
+    hidden = inputs["hidden"].clone()
+    hidden[inputs["attention_mask"] == 0] = float("nan")
+    hidden.requires_grad_()
+    weight = inputs["weight"].requires_grad_()
+    out = redistribute_op(hidden, weight, 0.5, inputs, backend)
+    weighted_loss(out, upstream_gradients(case.B, case.T, 0)).backward()
+    for tensor in (*out[:3], hidden.grad, weight.grad):
+        assert torch.isfinite(tensor).all()

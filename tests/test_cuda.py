@@ -21,7 +21,8 @@ import pytest
 import torch
 
 import red_kernels
-from cases import Case, assert_gradients_match, assert_matches, forward_cases, make_inputs, to_device
+from cases import (Case, assert_gradients_match, assert_matches, assert_padding_never_read, forward_cases,
+                   make_inputs, to_device)
 from conftest import TRITON_INTERPRET
 from red_kernels import RedistributeOutput
 
@@ -311,19 +312,9 @@ def test_backward_op_skips_unrequested(output_mask: list[bool]) -> None:
 @pytest.mark.usefixtures("poison_empty")
 @pytest.mark.gpu
 def test_padding_content_never_matters(backend: str) -> None:
-    """NaN in hidden at padding reaches no output and no gradient: padding is never read."""
     _skip_without_gpu()
     _require_backend(backend)
-    inputs = inputs_to_cuda(make_inputs(Case(3, 40, 64, padding="both", start="tensor", seed=9)))
-    hidden = inputs["hidden"].clone()
-    hidden[inputs["attention_mask"] == 0] = float("nan")
-    hidden.requires_grad_()
-    weight = inputs["weight"].requires_grad_()
-    out = red_kernels.redistribute(hidden, weight, 0.5, attention_mask=inputs["attention_mask"],
-                                   response_start=inputs["response_start"], backend=backend)
-    (out.scores.sum() + out.rewards.sum() + out.token_rewards.sum()).backward()
-    for tensor in (*out[:3], hidden.grad, weight.grad):
-        assert torch.isfinite(tensor).all()
+    assert_padding_never_read(backend, "cuda", Case(3, 40, 64, padding="both", start="tensor", seed=9))
 
 
 @pytest.mark.gpu

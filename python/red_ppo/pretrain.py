@@ -43,6 +43,15 @@ def _warmup_cosine(step: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
+def _step(model, opt, sched, loss: torch.Tensor) -> None:
+    """One optimiser step of the pre-training loops: gradients clipped at norm 1."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    sched.step()
+
+
 def _encode(tokenizer, prompts: list[str], responses: list[str]) -> list[tuple[list[int], list[int]]]:
     p = tokenizer(prompts)["input_ids"]
     r = tokenizer(responses, add_special_tokens=False)["input_ids"]
@@ -89,11 +98,7 @@ def pretrain_policy(task: SyntheticTask, tokenizer, s, folder: Path, log=print) 
         for i, (p, _) in enumerate(pairs):
             labels[i, : len(p)] = -100
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        _step(model, opt, sched, loss)
         losses.append(loss.item())
     model.eval()
     folder.mkdir(parents=True, exist_ok=True)
@@ -186,11 +191,7 @@ def train_reward_model(task: SyntheticTask, tokenizer, sft_folder: Path, s, fold
             out, _ = _batch_scores(rm, tokenizer, [p for p, _ in rows], [r for _, r in rows])
             good, bad = out.rewards[: len(index)], out.rewards[len(index):]
             loss = -F.logsigmoid(good - bad).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(rm.parameters(), 1.0)
-            opt.step()
-            sched.step()
+            _step(rm, opt, sched, loss)
             losses.append(loss.item())
     rm.eval()
     folder.mkdir(parents=True, exist_ok=True)
