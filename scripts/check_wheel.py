@@ -31,7 +31,8 @@ kwargs = dict(attention_mask=torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 0, 0]]), r
 fused, eager = redistribute(*args, **kwargs, backend="cpu"), redistribute(*args, **kwargs, backend="eager")
 for got, want in zip(fused, eager):
     torch.testing.assert_close(got, want)
-import red_ppo
+from red_ppo.config import default_config_path
+assert default_config_path().is_file(), "red_ppo's demo config is missing from the wheel"
 print("wheel ok:", info, available_backends("cpu"))
 """
 
