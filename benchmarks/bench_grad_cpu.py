@@ -10,12 +10,10 @@ Target (issue 4): bf16 at least 3x faster than eager. Usage: python benchmarks/b
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
 import red_kernels
-from timing import measure, record
+from timing import cpu_benchmark_args, measure, record
 
 TARGET_BF16 = 3.0
 
@@ -45,13 +43,7 @@ def bench(B: int, T: int, H: int, dtype: torch.dtype, repeats: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", type=int, nargs=3, default=[8, 1024, 2048], metavar=("B", "T", "H"))
-    parser.add_argument("--repeats", type=int, default=20)
-    args = parser.parse_args()
-    if "cpu" not in red_kernels.available_backends("cpu"):
-        raise SystemExit("bench_grad_cpu: the C++ extension is not built (run `make install`)")
-
+    args = cpu_benchmark_args(__doc__, repeats=20)
     rows = [bench(*args.shape, dtype, args.repeats) for dtype in (torch.bfloat16, torch.float32)]
     print(f"redistribute forward+backward on CPU, B={args.shape[0]} T={args.shape[1]} H={args.shape[2]}, "
           f"{torch.get_num_threads()} threads; median ms [p20, p80]")

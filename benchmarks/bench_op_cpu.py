@@ -12,12 +12,10 @@ faster than eager and within 2x of the read floor. Usage: python benchmarks/benc
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
 import red_kernels
-from timing import measure, record
+from timing import cpu_benchmark_args, measure, record
 
 TARGETS = {"bfloat16": (5.0, 2.0), "float32": (1.5, 2.0)}  # (min speedup vs eager, max ratio vs read floor)
 
@@ -49,13 +47,7 @@ def bench(B: int, T: int, H: int, dtype: torch.dtype, repeats: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", type=int, nargs=3, default=[8, 1024, 2048], metavar=("B", "T", "H"))
-    parser.add_argument("--repeats", type=int, default=30)
-    args = parser.parse_args()
-    if "cpu" not in red_kernels.available_backends("cpu"):
-        raise SystemExit("bench_op_cpu: the C++ extension is not built (run `make install`)")
-
+    args = cpu_benchmark_args(__doc__, repeats=30)
     rows = [bench(*args.shape, dtype, args.repeats) for dtype in (torch.bfloat16, torch.float32)]
     print(f"redistribute on CPU, B={args.shape[0]} T={args.shape[1]} H={args.shape[2]}, "
           f"{torch.get_num_threads()} threads; median ms [p20, p80], GB/s of hidden")

@@ -52,6 +52,14 @@ def _step(model, opt, sched, loss: torch.Tensor) -> None:
     sched.step()
 
 
+def _save(model, tokenizer, folder: Path) -> None:
+    """The trained model in eval mode, saved with its tokenizer as a `from_pretrained` folder."""
+    model.eval()
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
 def _encode(tokenizer, prompts: list[str], responses: list[str]) -> list[tuple[list[int], list[int]]]:
     p = tokenizer(prompts)["input_ids"]
     r = tokenizer(responses, add_special_tokens=False)["input_ids"]
@@ -100,10 +108,7 @@ def pretrain_policy(task: SyntheticTask, tokenizer, s, folder: Path, log=print) 
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         _step(model, opt, sched, loss)
         losses.append(loss.item())
-    model.eval()
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    _save(model, tokenizer, folder)
     info = {"fingerprint": key, "parameters": sum(p.numel() for p in model.parameters()),
             "final_loss": float(np.mean(losses[-20:])) if losses else None, "seconds": time.perf_counter() - t0}
     (folder / "pretrain.json").write_text(json.dumps(info, indent=2))
@@ -193,10 +198,7 @@ def train_reward_model(task: SyntheticTask, tokenizer, sft_folder: Path, s, fold
             loss = -F.logsigmoid(good - bad).mean()
             _step(rm, opt, sched, loss)
             losses.append(loss.item())
-    rm.eval()
-    folder.mkdir(parents=True, exist_ok=True)
-    rm.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    _save(rm, tokenizer, folder)
     info = {"fingerprint": key, "final_loss": float(np.mean(losses[-20:])), "label_agreement": agree / s.rm_pairs,
             **credit_fidelity(rm, tokenizer, task, held_prompts, held, baseline),
             "seconds": time.perf_counter() - t0}
