@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import red_kernels
-from cases import Case, assert_matches, forward_cases, make_inputs
+from cases import Case, assert_gradients_match, assert_matches, forward_cases, make_inputs
 from conftest import cpu_backends, fused_cpu_backends
 
 BACKENDS = cpu_backends()
@@ -126,8 +126,9 @@ def pinned_isa(request):
 @pytest.mark.parametrize("threads", [1, 3, 5])
 @pytest.mark.parametrize("dtype", ["f32", "bf16", "f16"])
 def test_cpu_kernel_every_isa_and_chunking(pinned_isa: str, threads: int, dtype: str, poison_empty) -> None:
-    """Each SIMD path of the C++ kernel (the CPU may pick any), with thread counts that split
-    the flat positions mid-row, so a chunk's first token reward needs the recomputed halo row."""
+    """Each SIMD path of the C++ kernels, forward and backward (the CPU may pick any), with thread
+    counts that split the flat positions mid-row, so a chunk's first token reward needs the
+    recomputed halo row."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -135,5 +136,6 @@ def test_cpu_kernel_every_isa_and_chunking(pinned_isa: str, threads: int, dtype:
             case = Case(3, 61, H, dtype=dtype, padding=padding, start="tensor", baseline="prompt", seed=seed)
             inputs = make_inputs(case)
             assert_matches(red_kernels.redistribute(**inputs, backend="cpu"), inputs)
+            assert_gradients_match(case, "cpu", inputs=inputs)
     finally:
         torch.set_num_threads(before)
