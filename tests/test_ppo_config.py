@@ -38,6 +38,9 @@ def test_overrides_are_yaml_typed():
     assert cfg.ppo.epochs == 2 and cfg.reward.clip is None and cfg.optim.betas == (0.8, 0.9)
     assert cfg.reward.mode == "sparse" and cfg.run.deterministic is False
     assert parse_override("model.policy.path=a=b") == (["model", "policy", "path"], "a=b")
+    # PyYAML (YAML 1.1) reads 1e-5 as a string; a float field takes it as the number it means.
+    cfg = load_config(base=base(), overrides=["optim.policy_lr=1e-5", "reward.clip=2E+1", "run.device=cuda:1"])
+    assert cfg.optim.policy_lr == 1e-5 and cfg.reward.clip == 20.0 and cfg.run.device == "cuda:1"
 
 
 IMPOSSIBLE = [
@@ -91,6 +94,10 @@ IMPOSSIBLE = [
                          "got None"),
     ("data.prompt_file=prompts.csv", "data.prompt_file: expected a path ending in .jsonl or .txt, got 'prompts.csv'"),
     ("model.tokenizer=gpt2", "model.tokenizer: expected 'synthetic' when data.source='synthetic', got 'gpt2'"),
+    # Accepted before, then crashed in torch.device / poisoned every reward with NaN:
+    ("run.device=cuda:abc", "run.device: expected 'cpu', 'cuda', 'cuda:N' or 'auto', got 'cuda:abc'"),
+    ("reward.missing_eos_penalty=-1", "reward.missing_eos_penalty: expected a number >= 0 or null, got -1.0"),
+    ("reward.missing_eos_penalty=.nan", "reward.missing_eos_penalty: expected a number >= 0 or null, got nan"),
 ]
 
 

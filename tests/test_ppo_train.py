@@ -171,6 +171,26 @@ def test_rollout_logprobs_match_the_sampling_distribution(tmp_path):
     torch.testing.assert_close(ours, expected * rollout.response_mask, atol=1e-4, rtol=1e-4)
 
 
+def test_sampling_ignores_the_models_generation_defaults(tmp_path):
+    """A checkpoint's generation_config.json (repetition_penalty, suppress_tokens, ...) must not change
+    what is sampled: PPO's log-probs describe the policy's own distribution, at generation.temperature."""
+    from red_ppo.rollout import generate_rollout, left_pad
+
+    trainer = trainer_for(tiny(tmp_path))
+    ids, mask = left_pad(trainer.sampler.next_batch(8), trainer.pad_id)
+
+    def sample():
+        torch.manual_seed(3)
+        return generate_rollout(trainer.policy, ids, mask, trainer.cfg.generation, trainer.eos_id, trainer.pad_id)
+
+    plain = sample()
+    defaults = trainer.policy.generation_config
+    defaults.suppress_tokens = [t for t in range(len(trainer.tokenizer)) if t != 5]  # would sample only token 5
+    defaults.repetition_penalty = 3.0
+    assert torch.equal(sample().input_ids, plain.input_ids)
+    assert trainer.policy.generation_config is defaults and defaults.repetition_penalty == 3.0  # left in place
+
+
 def test_cli_train_plot_and_errors(tmp_path, capsys):
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(tiny(tmp_path, run={"total_steps": 2})))

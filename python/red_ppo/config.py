@@ -9,6 +9,7 @@ and what came.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -18,6 +19,8 @@ from typing import Any, Literal
 import yaml
 
 BACKENDS = ("auto", "eager", "cpu", "triton", "cuda")
+# PyYAML reads YAML 1.1, where a float needs a dot: ``1e-5`` comes back as the string '1e-5'.
+EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 class ConfigError(ValueError):
@@ -223,6 +226,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {_show(value)}")
         return value
     if tp is float:
+        if isinstance(value, str) and EXPONENT_FLOAT.fullmatch(value.strip()):
+            return float(value)
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             raise ConfigError(f"{key}: expected a number, got {_show(value)}")
         return float(value)
@@ -358,7 +363,7 @@ def validate(cfg: Config) -> None:
     for name in ("save_every", "eval_every", "eval_prompts", "num_threads"):
         _require(getattr(r, name) >= 0, f"run.{name}", "an integer >= 0", getattr(r, name))
     _require(r.keep_checkpoints >= 1, "run.keep_checkpoints", "an integer >= 1", r.keep_checkpoints)
-    _require(r.device in ("cpu", "cuda", "auto") or r.device.startswith("cuda:"), "run.device",
+    _require(r.device in ("cpu", "cuda", "auto") or re.fullmatch(r"cuda:\d+", r.device) is not None, "run.device",
              "'cpu', 'cuda', 'cuda:N' or 'auto'", r.device)
     _require(g.max_new_tokens >= 1, "generation.max_new_tokens", "an integer >= 1", g.max_new_tokens)
     _require(g.temperature > 0, "generation.temperature", "a number > 0", g.temperature)
@@ -372,6 +377,8 @@ def validate(cfg: Config) -> None:
     _require(rw.target_kl > 0, "reward.target_kl", "a number > 0", rw.target_kl)
     _require(rw.kl_horizon >= 1, "reward.kl_horizon", "an integer >= 1", rw.kl_horizon)
     _require(rw.clip is None or rw.clip > 0, "reward.clip", "a number > 0 or null", rw.clip)
+    _require(rw.missing_eos_penalty is None or rw.missing_eos_penalty >= 0, "reward.missing_eos_penalty",
+             "a number >= 0 or null", rw.missing_eos_penalty)
     _require(rw.backend in BACKENDS, "reward.backend", f"one of {list(BACKENDS)}", rw.backend)
     _require(p.epochs >= 1, "ppo.epochs", "an integer >= 1", p.epochs)
     _require(p.minibatch_size >= 1, "ppo.minibatch_size", "an integer >= 1", p.minibatch_size)

@@ -79,7 +79,15 @@ def generate_rollout(policy, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
     config = GenerationConfig(do_sample=True, max_new_tokens=gen.max_new_tokens, temperature=gen.temperature,
                               top_k=gen.top_k, top_p=gen.top_p, pad_token_id=pad_id, eos_token_id=eos_id,
                               use_cache=True)
-    out = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config)
+    # generate() fills every field left unset above from the model's own generation_config (a
+    # checkpoint's generation_config.json: repetition_penalty, min_new_tokens, suppress_tokens, ...),
+    # which would sample from another distribution than the one PPO's log-probs describe.
+    model_defaults = policy.generation_config
+    policy.generation_config = GenerationConfig()
+    try:
+        out = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config)
+    finally:
+        policy.generation_config = model_defaults
     responses = out[:, prompt_ids.shape[1]:]
     return build_rollout(prompt_ids, prompt_mask, responses, eos_id, pad_id)
 
