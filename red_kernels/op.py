@@ -160,7 +160,8 @@ def redistribute(
     if attention_mask.dtype in (torch.bool, torch.uint8):
         mask = attention_mask.contiguous().view(torch.uint8)
     else:
-        mask = (attention_mask != 0).view(torch.uint8)
+        # != keeps a transposed mask's strides: the kernels index it as a contiguous [B, T].
+        mask = (attention_mask != 0).contiguous().view(torch.uint8)
     if isinstance(response_start, torch.Tensor):
         start = response_start.to(torch.int64).contiguous()
     else:

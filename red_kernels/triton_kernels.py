@@ -96,8 +96,23 @@ def _token_rewards_kernel(
     tl.store(last_index_ptr + b, last_index)
 
 
+def _check_layout(hidden, weight, mask, start, **more) -> None:
+    """What the kernels index as dense memory must be so (the C++ ops check the same, csrc/redistribute.h).
+    ``more``: name=(tensor, dtype, shape) of further inputs."""
+    B, T, H = hidden.shape
+    if H > 1 and hidden.stride(2) != 1:
+        raise RuntimeError(f"hidden: expected unit innermost stride, got strides {hidden.stride()}")
+    expected = {"weight": (weight, torch.float32, (H,)), "mask": (mask, torch.uint8, (B, T)),
+                "start": (start, torch.int64, (B,)), **more}
+    for name, (tensor, dtype, shape) in expected.items():
+        if tensor.dtype != dtype or tuple(tensor.shape) != shape or not tensor.is_contiguous():
+            raise RuntimeError(f"{name}: expected contiguous {dtype} {list(shape)}, got {tensor.dtype} "
+                               f"{list(tensor.shape)} with strides {tensor.stride()}")
+
+
 def redistribute_forward(hidden, weight, bias, mask, start, baseline_zero):
     """Scores, rewards, token rewards and last index of normalised inputs (see _library.py)."""
+    _check_layout(hidden, weight, mask, start)
     B, T, H = hidden.shape
     device = hidden.device
     scores = torch.empty((B, T), dtype=torch.float32, device=device)
@@ -173,8 +188,12 @@ def _backward_kernel(
 def redistribute_backward(grad_scores, grad_rewards, grad_token_rewards, hidden, weight, mask, start,
                           last_index, baseline_zero, output_mask):
     """grad_hidden, grad_weight, grad_bias; an output not asked for is an empty tensor."""
-    need_hidden, need_weight, need_bias = (bool(flag) for flag in output_mask)
     B, T, H = hidden.shape
+    _check_layout(hidden, weight, mask, start, grad_scores=(grad_scores, torch.float32, (B, T)),
+                  grad_rewards=(grad_rewards, torch.float32, (B,)),
+                  grad_token_rewards=(grad_token_rewards, torch.float32, (B, T)),
+                  last_index=(last_index, torch.int64, (B,)))
+    need_hidden, need_weight, need_bias = (bool(flag) for flag in output_mask)
     device = hidden.device
     block_t, block_h, num_warps = _block_sizes(T, H)
     grid = (B, triton.cdiv(T, block_t))

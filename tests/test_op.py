@@ -52,6 +52,21 @@ def test_mask_dtypes_agree(backend: str, mask_dtype: torch.dtype, poison_empty) 
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.int64])
+def test_noncontiguous_mask_and_start(backend: str, mask_dtype: torch.dtype, poison_empty) -> None:
+    """A mask stored [T, B] and a strided start tensor give what their contiguous copies give."""
+    inputs = make_inputs(Case(4, 13, 24, padding="both", start="tensor", seed=13))
+    expected = red_kernels.redistribute(**inputs, backend=backend)
+    mask = inputs["attention_mask"].to(mask_dtype)
+    inputs["attention_mask"] = mask.t().contiguous().t()
+    inputs["response_start"] = torch.stack([inputs["response_start"], inputs["response_start"]], 1)[:, 0]
+    assert not inputs["attention_mask"].is_contiguous() and not inputs["response_start"].is_contiguous()
+    out = red_kernels.redistribute(**inputs, backend=backend)
+    for got, want in zip(out, expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_weight_as_linear_weight_and_low_precision(backend: str, poison_empty) -> None:
     """A [1, H] nn.Linear weight in bfloat16 is upcast exactly, and a bias tensor of any float dtype works."""
     inputs = make_inputs(Case(2, 11, 37, dtype="bf16", bias="tensor", seed=5))
