@@ -259,3 +259,15 @@ def assert_padding_never_read(backend: str, device="cpu", case: Case | None = No
     weighted_loss(out, upstream_gradients(case.B, case.T, 0)).backward()
     for tensor in (*out[:3], hidden.grad, weight.grad):
         assert torch.isfinite(tensor).all()
+
+
+def op_names(backend: str) -> tuple[str, str]:
+    """The registered forward and backward op names of a fused backend ("cpu" and "cuda" share one pair)."""
+    return ("redistribute_triton", "redistribute_triton_backward") if backend == "triton" else \
+        ("redistribute", "redistribute_backward")
+
+
+def op_pair(backend: str):
+    """The forward and backward ops of a fused backend, as torch.ops callables."""
+    forward, backward = op_names(backend)
+    return getattr(torch.ops.red_kernels, forward), getattr(torch.ops.red_kernels, backward)

@@ -22,7 +22,7 @@ import torch
 
 import red_kernels
 from cases import (Case, assert_gradients_match, assert_matches, assert_padding_never_read, forward_cases,
-                   make_inputs, to_device)
+                   make_inputs, op_pair, to_device)
 from conftest import TRITON_INTERPRET
 from red_kernels import RedistributeOutput
 
@@ -338,19 +338,13 @@ def test_grad_weight_is_deterministic() -> None:
 # Streams, graphs, devices
 
 
-def _op_pair(backend: str):
-    if backend == "triton":
-        return torch.ops.red_kernels.redistribute_triton, torch.ops.red_kernels.redistribute_triton_backward
-    return torch.ops.red_kernels.redistribute, torch.ops.red_kernels.redistribute_backward
-
-
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.gpu
 def test_cuda_graph_capture_and_replay(backend: str) -> None:
     """Forward and backward captured in one CUDA graph; replays on new inputs equal eager calls."""
     _skip_without_gpu()
     _require_backend(backend)
-    forward, backward = _op_pair(backend)
+    forward, backward = op_pair(backend)
     B, T, H = 4, 100, 256
     static = {
         "hidden": torch.randn(B, T, H, device="cuda", dtype=torch.bfloat16),

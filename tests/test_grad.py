@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import red_kernels
-from cases import (Case, assert_gradients_match, assert_padding_never_read, forward_cases, make_inputs,
-                   upstream_gradients, weighted_loss)
+from cases import (Case, assert_gradients_match, assert_padding_never_read, forward_cases, make_inputs, op_names,
+                   op_pair, upstream_gradients, weighted_loss)
 from conftest import TRITON_INTERPRET, fused_cpu_backends
 from red_kernels.reference import redistribute_reference
 
@@ -47,7 +47,7 @@ def test_only_requested_gradients_are_computed(backend: str, wanted: str, poison
     weight = inputs["weight"].requires_grad_("weight" in wanted)
     bias = inputs["bias"].requires_grad_("bias" in wanted)
     calls = []
-    name = "redistribute_triton_backward" if backend == "triton" else "redistribute_backward"
+    name = op_names(backend)[1]
     real = getattr(torch.ops.red_kernels, name)
 
     def spy(*args):
@@ -73,9 +73,7 @@ def test_backward_op_returns_empty_for_unrequested(backend: str) -> None:
     mask = (inputs["attention_mask"] != 0).to(torch.uint8)
     start = torch.full((B,), inputs["response_start"])
     out = red_kernels.redistribute(hidden, inputs["weight"], attention_mask=mask, response_start=start, backend=backend)
-    op = torch.ops.red_kernels.redistribute_triton_backward if backend == "triton" else \
-        torch.ops.red_kernels.redistribute_backward
-    grads = op(torch.randn(B, T), torch.randn(B), torch.randn(B, T), hidden, inputs["weight"], mask, start,
+    grads = op_pair(backend)[1](torch.randn(B, T), torch.randn(B), torch.randn(B, T), hidden, inputs["weight"], mask, start,
                out.last_index, False, [False, True, False])
     assert grads[0].numel() == 0 and grads[2].numel() == 0 and grads[1].shape == (H,)
 

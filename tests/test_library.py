@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import red_kernels
-from cases import Case, make_inputs
+from cases import Case, make_inputs, op_pair
 from conftest import TRITON_INTERPRET, fused_cpu_backends
 
 FUSED = fused_cpu_backends()
@@ -28,10 +28,6 @@ def _op_args(case: Case, requires_grad: bool, with_bias: bool = True):
     return hidden, weight, bias, mask, start, case.baseline == "zero"
 
 
-def _op(backend: str):
-    return torch.ops.red_kernels.redistribute_triton if backend == "triton" else torch.ops.red_kernels.redistribute
-
-
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("requires_grad", [False, True])
 @pytest.mark.parametrize("with_bias", [True, False])
@@ -39,28 +35,26 @@ def _op(backend: str):
 def test_opcheck(backend: str, requires_grad: bool, with_bias: bool, dtype: str) -> None:
     """torch.library.opcheck: schema, fake tensor, autograd registration, AOT dispatch."""
     case = Case(3, 11, 9, dtype=dtype, padding="both", baseline="zero", seed=31)
-    torch.library.opcheck(_op(backend), _op_args(case, requires_grad, with_bias))
+    torch.library.opcheck(op_pair(backend)[0], _op_args(case, requires_grad, with_bias))
 
 
 @pytest.mark.parametrize("backend", FUSED)
 def test_opcheck_backward_op(backend: str) -> None:
     hidden, weight, _, mask, start, baseline_zero = _op_args(Case(2, 7, 5, seed=32), False)
-    last_index = torch.ops.red_kernels.redistribute(hidden, weight, None, mask, start, baseline_zero)[3] \
-        if backend != "triton" else torch.ops.red_kernels.redistribute_triton(hidden, weight, None, mask, start,
-                                                                             baseline_zero)[3]
-    name = "redistribute_triton_backward" if backend == "triton" else "redistribute_backward"
+    forward, backward = op_pair(backend)
+    last_index = forward(hidden, weight, None, mask, start, baseline_zero)[3]
     args = (torch.randn(2, 7), torch.randn(2), torch.randn(2, 7), hidden, weight, mask, start, last_index,
             baseline_zero, [True, True, True])
-    torch.library.opcheck(getattr(torch.ops.red_kernels, name), args)
+    torch.library.opcheck(backward, args)
 
 
 @pytest.mark.parametrize("backend", FUSED)
 def test_meta_tensors(backend: str) -> None:
     B, T, H = 4, 13, 8
     meta = dict(device="meta")
-    outputs = _op(backend)(torch.empty(B, T, H, dtype=torch.bfloat16, **meta), torch.empty(H, **meta), None,
-                           torch.empty(B, T, dtype=torch.uint8, **meta), torch.empty(B, dtype=torch.long, **meta),
-                           False)
+    forward = op_pair(backend)[0]
+    outputs = forward(torch.empty(B, T, H, dtype=torch.bfloat16, **meta), torch.empty(H, **meta), None,
+                      torch.empty(B, T, dtype=torch.uint8, **meta), torch.empty(B, dtype=torch.long, **meta), False)
     assert [tuple(o.shape) for o in outputs] == [(B, T), (B,), (B, T), (B,)]
     assert [o.dtype for o in outputs] == [torch.float32, torch.float32, torch.float32, torch.int64]
 
