@@ -10,7 +10,7 @@ TORCH_SPEC := $(shell grep -qs 'torch<=2.14.1' /etc/xdg/pip/constraints.txt && e
 SOURCES := pyproject.toml setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h)
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-kernels test-triton demo bench wheel wheel-check clean
+.PHONY: install test test-kernels test-triton test-simt demo bench wheel wheel-check clean
 
 install: $(STAMP)
 
@@ -31,6 +31,11 @@ test-kernels: install
 
 test-triton: install
 	TRITON_INTERPRET=1 $(PY) -m pytest tests -q -p no:cacheprovider -k triton -m "not gpu"
+
+# The CUDA kernels' own source on the CPU (csrc/simt): the GPU test matrix under ASan + UBSan, a TSan subset,
+# and the planted bugs. Part of `make test` (test-kernels); this target runs it alone.
+test-simt: install
+	$(PY) -m pytest tests/test_simt.py -q -p no:cacheprovider
 
 demo: install
 	$(BIN)/red-ppo demo

@@ -106,6 +106,25 @@ def make_inputs(case: Case) -> dict:
                 baseline=case.baseline)
 
 
+def layout_inputs(layout: str, dtype: str, H: int, seed: int) -> dict:
+    """Hidden whose row starts are 16-byte aligned but H is not a whole number of 16-byte packs
+    ("sliced": the vector path plus its scalar tail), or whose base is 2 bytes off ("offset": the
+    scalar path for a shape that would otherwise be vectorised)."""
+    inputs = make_inputs(Case(3, 37, H, dtype=dtype, padding="both", start="tensor", seed=seed))
+    hidden = inputs["hidden"]
+    B, T, _ = hidden.shape
+    if layout == "sliced":
+        wide = torch.randn(B, T, 64 * ((H + 63) // 64 + 1)).to(hidden.dtype)
+        wide[..., :H] = hidden
+        hidden = wide[..., :H]
+    else:
+        flat = torch.randn(hidden.numel() + 8).to(hidden.dtype)
+        hidden = flat[1:1 + hidden.numel()].view(B, T, H)
+        hidden.copy_(inputs["hidden"])
+    inputs["hidden"] = hidden
+    return inputs
+
+
 def expected(inputs: dict) -> tuple[torch.Tensor, ...]:
     """The spec in float64, and each position's accumulation scale sum_h |x*w| + |bias|."""
     hidden, weight, bias = inputs["hidden"], inputs["weight"], inputs["bias"]

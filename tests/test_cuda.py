@@ -22,7 +22,7 @@ import torch
 
 import red_kernels
 from cases import (Case, assert_gradients_match, assert_matches, assert_padding_never_read, forward_cases,
-                   make_inputs, op_pair, to_device)
+                   layout_inputs, make_inputs, op_pair, to_device)
 from conftest import TRITON_INTERPRET
 from red_kernels import RedistributeOutput
 
@@ -156,25 +156,6 @@ def _skip_without_gpu() -> None:
         pytest.skip("GPU tests run in the normal process")
 
 
-def _layout_inputs(layout: str, dtype: str, H: int, seed: int) -> dict:
-    """Hidden whose row starts are 16-byte aligned but H is not a whole number of 16-byte packs
-    ("sliced": the vector path plus its scalar tail), or whose base is 2 bytes off ("offset": the
-    scalar path for a shape that would otherwise be vectorised)."""
-    inputs = make_inputs(Case(3, 37, H, dtype=dtype, padding="both", start="tensor", seed=seed))
-    hidden = inputs["hidden"]
-    B, T, _ = hidden.shape
-    if layout == "sliced":
-        wide = torch.randn(B, T, 64 * ((H + 63) // 64 + 1)).to(hidden.dtype)
-        wide[..., :H] = hidden
-        hidden = wide[..., :H]
-    else:
-        flat = torch.randn(hidden.numel() + 8).to(hidden.dtype)
-        hidden = flat[1:1 + hidden.numel()].view(B, T, H)
-        hidden.copy_(inputs["hidden"])
-    inputs["hidden"] = hidden
-    return inputs
-
-
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("layout", ["sliced", "offset"])
 @pytest.mark.parametrize("dtype", ["f32", "bf16", "f16"])
@@ -184,7 +165,7 @@ def _layout_inputs(layout: str, dtype: str, H: int, seed: int) -> dict:
 def test_vector_tail_and_unaligned_paths(backend: str, layout: str, dtype: str, H: int) -> None:
     _skip_without_gpu()
     _require_backend(backend)
-    inputs = _layout_inputs(layout, dtype, H, seed=H)
+    inputs = layout_inputs(layout, dtype, H, seed=H)
     gpu_inputs = inputs_to_cuda(inputs)
     if layout == "offset":  # keep the GPU copy 2 bytes off 16-byte alignment too
         flat = torch.empty(inputs["hidden"].numel() + 8, dtype=inputs["hidden"].dtype, device="cuda")
@@ -269,7 +250,7 @@ def test_gradients_vector_tail_and_unaligned(backend: str, layout: str, dtype: s
     """H = 2051 spans a second column tile of the backward kernel, with a partial last pack."""
     _skip_without_gpu()
     _require_backend(backend)
-    inputs = _layout_inputs(layout, dtype, 2051, seed=5)
+    inputs = layout_inputs(layout, dtype, 2051, seed=5)
     _gradient_check(Case(3, 37, 2051, dtype=dtype, seed=5), backend, inputs)
 
 

@@ -1,0 +1,582 @@
+// The device code of red_kernels::redistribute and its backward (SPEC.md section 2): the kernels, their
+// device helpers, and the host functions that choose each launch's grid and block and launch it. Two
+// builds compile this one file:
+//   * redistribute.cu, with nvcc, for the GPU;
+//   * csrc/simt/runner.cpp, as plain C++ with RED_SIMT defined, where csrc/simt/simt.h emulates the CUDA
+//     constructs used here (one real thread per CUDA thread, checked barriers, warp shuffles and cp.async),
+//     so CI runs exactly this code on the test matrix under sanitizers (csrc/simt/README.md).
+// Nothing here may be restated for the host build: a change to a kernel changes what the harness runs.
+//
+// Written to be read side by side with csrc/redistribute_cpu.cpp: the same steps, and the rule from
+// red_rule.h.
+//
+// Both kernels stream hidden through a small per-thread ring in shared memory with cp.async, so
+// kStages - 1 16-byte loads per thread are in flight whatever the instruction schedule (plain loads
+// were compiled to one load in flight: ptxas keeps register pressure low by sinking each load to its use).
+//
+// Forward, one launch, one pass over hidden. A block owns kRowsPerBlock consecutive positions of one
+// sequence. (1) Each warp computes whole dot products (one row of H per warp, float32, shuffle-reduced)
+// into shared memory, including the one halo row before the block (the CPU kernel's register carry,
+// recomputed at a chunk start; the previous block reads the same row, so it is mostly an L2 hit), and
+// the block then writes scores and token rewards for its positions. (2) The one block that holds a
+// row's last real token writes last_index and rewards from its shared scores.
+//
+// Backward, two launches. The first gives each block a fixed chunk of rows (flattened b * T + t) and a
+// tile of columns: it computes g = score_gradient(...) per row, writes grad_hidden = g * weight, and
+// sums g * hidden over its rows into partial[chunk, :H] and g into partial[chunk, H]. The second adds
+// the chunks' partial rows in a fixed order into grad_weight and grad_bias: no atomics, so the result
+// is bitwise reproducible for a given shape.
+#pragma once
+
+#if defined(RED_SIMT)
+#include "simt/simt.h"
+#endif
+
+#include <cstdint>
+#include <limits>
+
+#include "red_rule.h"
+
+// Planted bugs for the harness's own test (tests/test_simt.py builds one harness per mutant and checks
+// that each is caught). RED_MUTANT(n) is false in every real build.
+#if defined(RED_SIMT_MUTANT)
+#define RED_MUTANT(n) (RED_SIMT_MUTANT == (n))
+#else
+#define RED_MUTANT(n) false
+#endif
+
+// A block's shared memory: one object per kernel, declared once at the top of the kernel.
+#if defined(RED_SIMT)
+#define RED_BLOCK_SHARED(type, name) type& name = ::simt::block_shared<type>()
+#else
+#define RED_BLOCK_SHARED(type, name) __shared__ type name
+#endif
+
+namespace red_kernels {
+namespace cuda_impl {
+
+constexpr int kWarpSize = 32;
+constexpr int kThreads = 256;  // every kernel here: 8 warps per block
+constexpr int kWarps = kThreads / kWarpSize;
+constexpr int kRowsPerBlock = 2 * kWarps - 1;  // forward: with the halo row, exactly 2 rows per warp
+constexpr int kStages = 4;                     // ring slots per thread: kStages - 1 loads in flight
+constexpr int kForwardBlocksPerSM = 4;
+constexpr int64_t kMaxChunks = 256;            // backward: at most this many partial rows to reduce
+constexpr int64_t kMinRowsPerChunk = 32;
+
+// Elements per 16-byte access: 4 float32 or 8 bfloat16 / float16.
+template <typename scalar_t>
+constexpr int kVec = 16 / sizeof(scalar_t);
+
+// kVec elements moved as one 16-byte load or store (the pattern of ATen's aligned_vector).
+template <typename scalar_t>
+struct alignas(16) Pack {
+  scalar_t val[kVec<scalar_t>];
+};
+
+__host__ __device__ inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+__device__ inline float warp_sum(float value) {
+  // Butterfly: every lane ends with the same sum, added in the same fixed order.
+  constexpr unsigned kAllLanes = RED_MUTANT(5) ? 0x7fffffffu : 0xffffffffu;
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) value += __shfl_xor_sync(kAllLanes, value, offset);
+  return value;
+}
+
+// 16 bytes global -> shared without blocking the thread (cp.async, sm_80+); they have landed once a
+// later wait_copies<N>() leaves at most N newer commit groups pending. Rings are per thread, so no
+// barrier is needed: a thread only reads slots it filled itself.
+__device__ inline void copy_async_16(uint4* shared, const void* global) {
+#if defined(RED_SIMT)
+  ::simt::cp_async_16(shared, global);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  *shared = *static_cast<const uint4*>(global);
+#else
+  const auto shared_address = static_cast<uint32_t>(__cvta_generic_to_shared(shared));
+  const auto global_address = __cvta_generic_to_global(global);
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(shared_address), "l"(global_address) : "memory");
+#endif
+}
+
+__device__ inline void commit_copies() {
+#if defined(RED_SIMT)
+  ::simt::cp_async_commit_group();
+#elif !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+
+template <int N>
+__device__ inline void wait_copies() {
+#if defined(RED_SIMT)
+  ::simt::cp_async_wait_group(N);
+#elif !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+
+// A ring slot's pack, once its copy has landed (the harness fails a read of a slot still in flight).
+template <typename scalar_t>
+__device__ inline Pack<scalar_t> read_pack(const uint4& slot) {
+#if defined(RED_SIMT)
+  ::simt::check_no_copy_in_flight(&slot, sizeof(slot));
+#endif
+  return *reinterpret_cast<const Pack<scalar_t>*>(&slot);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Forward
+
+// acc += dot(x, w[0 : kVec]); w is 16-byte aligned.
+template <typename scalar_t>
+__device__ inline void pack_dot(const Pack<scalar_t>& x, const float4* __restrict__ w, float& acc) {
+#pragma unroll
+  for (int j = 0; j < kVec<scalar_t> / 4; ++j) {
+    const float4 w4 = w[j];
+    acc += static_cast<float>(x.val[4 * j + 0]) * w4.x;
+    acc += static_cast<float>(x.val[4 * j + 1]) * w4.y;
+    acc += static_cast<float>(x.val[4 * j + 2]) * w4.z;
+    acc += static_cast<float>(x.val[4 * j + 3]) * w4.w;
+  }
+}
+
+// dot(row[0:H], weight[0:H]) in float32 by one warp; every lane returns the same value. kAligned: row
+// and weight are 16-byte aligned, so whole packs stream through this warp's ring (ring[slot][lane]);
+// the scalar loop takes the H % kVec tail (or, unaligned, everything).
+template <typename scalar_t, bool kAligned>
+__device__ float warp_row_dot(const scalar_t* __restrict__ row, const float* __restrict__ weight, int64_t H,
+                              int lane, uint4 (*ring)[kWarpSize]) {
+  float acc = 0.0f;
+  int64_t scalar_from = 0;
+  if constexpr (kAligned) {
+    constexpr int V = kVec<scalar_t>;
+    const auto* row_packs = reinterpret_cast<const uint4*>(row);
+    const auto* weight4 = reinterpret_cast<const float4*>(weight);  // pack p's weights: weight4[p * V / 4 ...]
+    const int64_t packs = H / V;
+    const int64_t rounds = (packs + kWarpSize - 1) / kWarpSize;  // in round j, lane takes pack j * 32 + lane
+    // Starts round j into slot j % kStages; commits a group even when empty, so round j is group j.
+    auto start_round = [&](int64_t j) {
+      const int64_t p = j * kWarpSize + lane;
+      if (p < packs) copy_async_16(&ring[j % kStages][lane], row_packs + p);
+      commit_copies();
+    };
+    for (int j = 0; j < kStages - 1; ++j) start_round(j);
+    for (int64_t j = 0; j < rounds; ++j) {
+      // round j has landed; rounds j + 1 .. j + kStages - 2 may be in flight
+      if (!RED_MUTANT(1)) wait_copies<kStages - 2>();
+      // into slot (j - 1) % kStages, read and used in round j - 1
+      start_round(j + kStages - 1 + (RED_MUTANT(2) ? 1 : 0));
+      const int64_t p = j * kWarpSize + lane;
+      if (p < packs) pack_dot(read_pack<scalar_t>(ring[j % kStages][lane]), weight4 + p * (V / 4), acc);
+    }
+    scalar_from = packs * V;
+  }
+  for (int64_t h = scalar_from + lane; h < H; h += kWarpSize) acc += static_cast<float>(row[h]) * weight[h];
+  return warp_sum(acc);
+}
+
+// chunk_scores[0]: the score at t0 - 1 (the halo row; 0 when not needed); chunk_scores[1 + i]: at t0 + i.
+struct ForwardShared {
+  float chunk_scores[kRowsPerBlock + 1];
+  uint4 ring[kWarps][kStages][kWarpSize];  // per warp, per lane: hidden packs in flight
+};
+
+// Grid: B * chunks_per_row blocks; block = (b, chunk), positions t0 .. t0 + kRowsPerBlock - 1.
+// At least kForwardBlocksPerSM resident blocks (<= 64 registers): 32 warps, 3 packs in flight each.
+template <typename scalar_t, bool kAligned>
+__global__ void __launch_bounds__(kThreads, kForwardBlocksPerSM) redistribute_forward_kernel(
+    const scalar_t* __restrict__ hidden, int64_t stride_b, int64_t stride_t, const float* __restrict__ weight,
+    const float* __restrict__ bias, const uint8_t* __restrict__ mask, const int64_t* __restrict__ start, int64_t T,
+    int64_t H, int64_t chunks_per_row, bool baseline_zero, float* __restrict__ scores, float* __restrict__ rewards,
+    float* __restrict__ token_rewards, int64_t* __restrict__ last_index) {
+  RED_BLOCK_SHARED(ForwardShared, smem);
+  const int64_t b = blockIdx.x / chunks_per_row;
+  const int64_t t0 = (blockIdx.x % chunks_per_row) * kRowsPerBlock;
+  const int rows = static_cast<int>(min64(kRowsPerBlock, T - t0));  // t0 < T, so 1 <= rows <= kRowsPerBlock
+  const uint8_t* mask_row = mask + b * T;
+  const float bias_value = bias == nullptr ? 0.0f : bias[0];
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+
+  const int64_t s = clamp_start(start[b], T);
+  // The halo score is read only by token_reward at t0, and only when that token's baseline counts.
+  const bool need_halo = is_response(mask_row[t0] != 0, t0, s) &&
+                         previous_counts(t0 >= 1 && mask_row[t0 - 1] != 0, t0, s, baseline_zero);
+
+  // (1) Scores. Task i is position t0 - 1 + i (task 0 the halo). Padding scores 0 and is never read.
+  for (int i = warp; i <= rows; i += kWarps) {
+    const int64_t t = t0 - 1 + i - (RED_MUTANT(3) && i == 0 ? 1 : 0);
+    float score = 0.0f;
+    if ((i > 0 || need_halo) && mask_row[t] != 0) {  // uniform across the warp: every lane reaches the shuffles
+      const scalar_t* row = RED_MUTANT(7) ? hidden + static_cast<int32_t>(b * stride_b + t * stride_t)
+                                          : hidden + b * stride_b + t * stride_t;
+      score = warp_row_dot<scalar_t, kAligned>(row, weight, H, lane, smem.ring[warp]) + bias_value;
+    }
+    if (lane == 0) smem.chunk_scores[i] = score;
+  }
+  // Does the row have a real token after this block's positions? Then its last token is elsewhere.
+  // Scanned back from the row's end a window of kThreads positions at a time, so right padding
+  // costs a window per kThreads padding tokens and anything else usually one window.
+  bool later = false;
+  for (int64_t end = T; end > t0 + rows && !later; end -= kThreads) {  // `later` is uniform: no divergence
+    const int64_t t = end - kThreads + threadIdx.x;
+    later = __syncthreads_or(t >= t0 + rows && mask_row[t] != 0);
+  }
+  if (!RED_MUTANT(8) && (!RED_MUTANT(4) || threadIdx.x < static_cast<unsigned>(rows))) {
+    __syncthreads();  // publishes chunk_scores
+  }
+
+  if (threadIdx.x < static_cast<unsigned>(rows)) {
+    const int i = threadIdx.x;
+    const int64_t t = t0 + i;
+    const bool valid = mask_row[t] != 0;
+    const bool valid_prev = t >= 1 && mask_row[t - 1] != 0;
+    scores[b * T + t] = smem.chunk_scores[1 + i];
+    token_rewards[b * T + t] =
+        token_reward(smem.chunk_scores[1 + i], smem.chunk_scores[i], valid, valid_prev, t, s, baseline_zero);
+  }
+  // (2) Last index and reward, written by exactly one block per row: the one holding the last real
+  // token (no real token later, one here), or for a row with no real token its first block.
+  if (threadIdx.x == 0 && !later) {
+    int i = rows - 1;
+    while (i >= 0 && mask_row[t0 + i] == 0) --i;
+    if (i >= 0) {
+      last_index[b] = t0 + i;
+      rewards[b] = smem.chunk_scores[1 + i];
+    } else if (t0 == 0) {
+      last_index[b] = -1;
+      rewards[b] = 0.0f;
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Backward
+
+// Column of this thread's k-th element in the tile starting at col0: adjacent columns (one 16-byte
+// pack) in the aligned variant, kThreads apart in the scalar one. Both cover [col0, col0 + kThreads *
+// kVec) once, and both keep a warp's accesses contiguous.
+template <typename scalar_t, bool kAligned>
+__device__ inline int64_t tile_column(int64_t col0, int k) {
+  return kAligned ? col0 + static_cast<int64_t>(threadIdx.x) * kVec<scalar_t> + k
+                  : col0 + static_cast<int64_t>(k) * kThreads + threadIdx.x;
+}
+
+// out[k] = row[tile_column(k)] as float32, 0 past H, one element at a time (the rows that do not go
+// through the ring: the scalar variant, and the aligned variant's last, partial pack of a row).
+template <typename scalar_t, bool kAligned>
+__device__ inline void load_columns(const scalar_t* __restrict__ row, int64_t col0, int64_t H,
+                                    float (&out)[kVec<scalar_t>]) {
+#pragma unroll
+  for (int k = 0; k < kVec<scalar_t>; ++k) {
+    const int64_t c = tile_column<scalar_t, kAligned>(col0, k);
+    out[k] = c < H ? static_cast<float>(row[c]) : 0.0f;
+  }
+}
+
+// row[tile_column(k)] = values[k] rounded to scalar_t, for the columns below H.
+template <typename scalar_t, bool kAligned>
+__device__ inline void store_columns(scalar_t* __restrict__ row, int64_t col0, int64_t H,
+                                     const float (&values)[kVec<scalar_t>]) {
+  constexpr int V = kVec<scalar_t>;
+  const int64_t first = tile_column<scalar_t, kAligned>(col0, 0);
+  if (kAligned && first + V <= H) {
+    Pack<scalar_t> x;
+#pragma unroll
+    for (int k = 0; k < V; ++k) x.val[k] = static_cast<scalar_t>(values[k]);
+    *reinterpret_cast<Pack<scalar_t>*>(row + first) = x;
+  } else {
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const int64_t c = tile_column<scalar_t, kAligned>(col0, k);
+      if (c < H) row[c] = static_cast<scalar_t>(values[k]);
+    }
+  }
+}
+
+// One tile of up to kThreads rows at a time: its g, validity and the offsets of its rows.
+struct BackwardShared {
+  float tile_g[kThreads];
+  bool tile_valid[kThreads];
+  int64_t tile_hidden_offset[kThreads];
+  int64_t tile_grad_offset[kThreads];
+  float warp_sums[kWarps];
+  uint4 ring[kStages][kThreads];  // per thread: its 16-byte column pack of rows in flight
+};
+
+// Grid: (chunks, column tiles). Block (c, y) takes rows [c * rows_per_chunk, ...) and columns
+// [y * kThreads * kVec, ...). grad_hidden == nullptr: not requested. partial: [chunks, H + 1] float32,
+// written for the columns when need_weight and for column H (by the y == 0 blocks) when need_bias.
+template <typename scalar_t, bool kAligned>
+__global__ void __launch_bounds__(kThreads) redistribute_backward_kernel(
+    const float* __restrict__ grad_scores, const float* __restrict__ grad_rewards,
+    const float* __restrict__ grad_token_rewards, const scalar_t* __restrict__ hidden, int64_t hidden_stride_b,
+    int64_t hidden_stride_t, const float* __restrict__ weight, const uint8_t* __restrict__ mask,
+    const int64_t* __restrict__ start, const int64_t* __restrict__ last_index, int64_t T, int64_t H, int64_t rows,
+    int64_t rows_per_chunk, bool baseline_zero, scalar_t* __restrict__ grad_hidden, int64_t grad_stride_b,
+    int64_t grad_stride_t, float* __restrict__ partial, bool need_weight, bool need_bias) {
+  constexpr int V = kVec<scalar_t>;
+  RED_BLOCK_SHARED(BackwardShared, smem);
+
+  const int64_t chunk = blockIdx.x;
+  const int64_t row_begin = chunk * rows_per_chunk;
+  const int64_t row_end = min64(rows, row_begin + rows_per_chunk) - (RED_MUTANT(6) ? 1 : 0);
+  const int64_t col0 = static_cast<int64_t>(blockIdx.y) * kThreads * V;
+  const bool need_hidden = grad_hidden != nullptr;
+  const bool columns = need_hidden || need_weight;
+  // This thread's columns as one whole 16-byte pack: its hidden reads go through the ring.
+  const int64_t first_column = tile_column<scalar_t, kAligned>(col0, 0);
+  const bool ring_rows = kAligned && need_weight && first_column + V <= H;
+
+  float w[V], acc[V];  // this thread's weights and grad_weight partial sums
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    const int64_t c = tile_column<scalar_t, kAligned>(col0, k);
+    w[k] = need_hidden && c < H ? weight[c] : 0.0f;
+    acc[k] = 0.0f;
+  }
+  float g_sum = 0.0f;  // sum of g over the rows this thread computed, for grad_bias
+
+  for (int64_t tile = row_begin; tile < row_end; tile += kThreads) {
+    const int n = static_cast<int>(min64(kThreads, row_end - tile));
+    if (threadIdx.x < static_cast<unsigned>(n)) {
+      const int64_t r = tile + threadIdx.x;
+      const int64_t b = r / T, t = r % T;  // r = b * T + t, the index into every [B, T] tensor
+      const uint8_t* mask_row = mask + b * T;
+      const bool valid = mask_row[t] != 0;
+      const bool has_next = t + 1 < T;
+      const float g = score_gradient(grad_scores[r], grad_rewards[b], grad_token_rewards[r],
+                                     has_next ? grad_token_rewards[r + 1] : 0.0f, valid,
+                                     has_next && mask_row[t + 1] != 0, last_index[b] == t, t, T,
+                                     clamp_start(start[b], T), baseline_zero);
+      smem.tile_g[threadIdx.x] = g;
+      smem.tile_valid[threadIdx.x] = valid;
+      smem.tile_hidden_offset[threadIdx.x] = b * hidden_stride_b + t * hidden_stride_t;
+      smem.tile_grad_offset[threadIdx.x] = b * grad_stride_b + t * grad_stride_t;
+      g_sum += g;
+    }
+    __syncthreads();
+    if (columns) {
+      // Starts row i's packs into slot i % kStages; commits a group even when empty, so row i is group i.
+      auto start_row = [&](int i) {
+        if (ring_rows && i < n && smem.tile_valid[i]) {
+          copy_async_16(&smem.ring[i % kStages][threadIdx.x], hidden + smem.tile_hidden_offset[i] + first_column);
+        }
+        commit_copies();
+      };
+      for (int i = 0; i < kStages - 1; ++i) start_row(i);
+      for (int i = 0; i < n; ++i) {
+        wait_copies<kStages - 2>();  // row i has landed; rows i + 1 .. i + kStages - 2 may be in flight
+        start_row(i + kStages - 1);  // into slot (i - 1) % kStages, read and used for row i - 1
+        const float g = smem.tile_g[i];
+        if (need_hidden) {  // padding rows too: g = 0 there, so they get zeros
+          float y[V];
+#pragma unroll
+          for (int k = 0; k < V; ++k) y[k] = g * w[k];
+          store_columns<scalar_t, kAligned>(grad_hidden + smem.tile_grad_offset[i], col0, H, y);
+        }
+        if (need_weight && smem.tile_valid[i]) {  // padding rows (g = 0) are not read
+          float x[V];
+          if (ring_rows) {
+            const Pack<scalar_t> pack = read_pack<scalar_t>(smem.ring[i % kStages][threadIdx.x]);
+#pragma unroll
+            for (int k = 0; k < V; ++k) x[k] = static_cast<float>(pack.val[k]);
+          } else {
+            load_columns<scalar_t, kAligned>(hidden + smem.tile_hidden_offset[i], col0, H, x);
+          }
+#pragma unroll
+          for (int k = 0; k < V; ++k) acc[k] += g * x[k];
+        }
+      }
+    }
+    __syncthreads();  // the next tile overwrites tile_*
+  }
+
+  // This chunk's row of partial: grad_weight's sums in columns [0, H), grad_bias's in column H.
+  if (need_weight) {
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const int64_t c = tile_column<scalar_t, kAligned>(col0, k);
+      if (c < H) partial[chunk * (H + 1) + c] = acc[k];
+    }
+  }
+  if (need_bias && blockIdx.y == 0) {  // uniform across the block, so every thread reaches the barrier
+    const float warp_total = warp_sum(g_sum);
+    if (threadIdx.x % kWarpSize == 0) smem.warp_sums[threadIdx.x / kWarpSize] = warp_total;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      float total = 0.0f;
+      for (int j = 0; j < kWarps; ++j) total += smem.warp_sums[j];
+      partial[chunk * (H + 1) + H] = total;
+    }
+  }
+}
+
+struct ReduceShared {
+  float sums[kWarps][kWarpSize];
+};
+
+// out[j] = sum over chunks of partial[chunk, j] for j in [j_begin, j_end): grad_weight[j] for j < H,
+// grad_bias for j == H. Block (32, kWarps): thread (x, y) adds chunks y, y + kWarps, ... of column
+// j = j_begin + 32 * blockIdx.x + x (a warp reads 32 adjacent columns), then thread (x, 0) adds the
+// kWarps sums in order: a fixed order for a given chunk count.
+__global__ void __launch_bounds__(kThreads) reduce_partials_kernel(const float* __restrict__ partial, int64_t chunks,
+                                                                   int64_t H, int64_t j_begin, int64_t j_end,
+                                                                   float* __restrict__ grad_weight,
+                                                                   float* __restrict__ grad_bias) {
+  RED_BLOCK_SHARED(ReduceShared, smem);
+  const int64_t j = j_begin + static_cast<int64_t>(blockIdx.x) * kWarpSize + threadIdx.x;
+  float sum = 0.0f;
+  if (j < j_end) {
+    for (int64_t c = threadIdx.y; c < chunks; c += kWarps) sum += partial[c * (H + 1) + j];
+  }
+  smem.sums[threadIdx.y][threadIdx.x] = sum;
+  __syncthreads();
+  if (threadIdx.y == 0 && j < j_end) {
+    float total = 0.0f;
+    for (int y = 0; y < kWarps; ++y) total += smem.sums[y][threadIdx.x];
+    if (j < H) {
+      grad_weight[j] = total;
+    } else {
+      grad_bias[0] = total;
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Launches: shapes, alignment and argument order, shared by redistribute.cu and the host harness.
+// `launch(name, kernel, grid, block, args...)` runs one kernel: with <<<grid, block, 0, stream>>> on the
+// GPU, through the emulator in the harness. Callers allocate the outputs and check `fits`.
+
+// Whether every row start of a [B, T, H] tensor with unit innermost stride is 16-byte aligned: the base
+// pointer and each stride that is ever multiplied by a nonzero index.
+inline bool rows_aligned(const void* data, int64_t element_size, int64_t B, int64_t stride_b, int64_t T,
+                         int64_t stride_t) {
+  if (reinterpret_cast<uintptr_t>(data) % 16 != 0) return false;
+  if (B > 1 && (stride_b * element_size) % 16 != 0) return false;
+  if (T > 1 && (stride_t * element_size) % 16 != 0) return false;
+  return true;
+}
+
+struct ForwardPlan {
+  int64_t chunks_per_row;
+  int64_t blocks;
+  bool fits;  // one launch's grid holds the blocks
+};
+
+inline ForwardPlan forward_plan(int64_t B, int64_t T) {
+  ForwardPlan plan;
+  plan.chunks_per_row = (T + kRowsPerBlock - 1) / kRowsPerBlock;
+  plan.blocks = B * plan.chunks_per_row;
+  plan.fits = plan.blocks <= std::numeric_limits<int32_t>::max();
+  return plan;
+}
+
+template <typename scalar_t>
+struct ForwardArgs {
+  const scalar_t* hidden;
+  int64_t stride_b, stride_t;
+  const float* weight;
+  const float* bias;  // nullptr: no bias
+  const uint8_t* mask;
+  const int64_t* start;
+  int64_t B, T, H;
+  bool baseline_zero;
+  float* scores;
+  float* rewards;
+  float* token_rewards;
+  int64_t* last_index;
+};
+
+// The vectorised variant needs hidden's rows and weight on 16-byte boundaries.
+template <typename scalar_t>
+bool forward_aligned(const ForwardArgs<scalar_t>& a) {
+  return rows_aligned(a.hidden, sizeof(scalar_t), a.B, a.stride_b, a.T, a.stride_t) &&
+         reinterpret_cast<uintptr_t>(a.weight) % 16 == 0;
+}
+
+// B >= 1 and plan.fits.
+template <typename scalar_t, bool kAligned, typename Launch>
+void launch_forward(Launch&& launch, const ForwardPlan& plan, const ForwardArgs<scalar_t>& a) {
+  launch("redistribute_forward_kernel", redistribute_forward_kernel<scalar_t, kAligned>,
+         dim3(static_cast<unsigned>(plan.blocks)), dim3(kThreads), a.hidden, a.stride_b, a.stride_t, a.weight, a.bias,
+         a.mask, a.start, a.T, a.H, plan.chunks_per_row, a.baseline_zero, a.scores, a.rewards, a.token_rewards,
+         a.last_index);
+}
+
+struct BackwardPlan {
+  int64_t rows;  // B * T
+  int64_t rows_per_chunk, chunks, column_tiles;
+  bool fits;          // column_tiles fits a grid's second dimension
+  bool empty;         // nothing to compute: requested weight / bias gradients are zeros
+  int64_t partial_elements;  // [chunks, H + 1] float32 when a weight or bias gradient is requested, else 0
+  int64_t j_begin, j_end, reduce_blocks;  // the reduction's columns of partial
+};
+
+// A fixed function of the shape, so the reduction order (and the result) is too.
+inline BackwardPlan backward_plan(int64_t B, int64_t T, int64_t H, int64_t element_size, bool need_hidden,
+                                  bool need_weight, bool need_bias) {
+  BackwardPlan plan{};
+  plan.rows = B * T;
+  plan.empty = plan.rows == 0 || !(need_hidden || need_weight || need_bias);
+  plan.fits = true;
+  if (plan.empty) return plan;
+  const int64_t by_cap = (plan.rows + kMaxChunks - 1) / kMaxChunks;
+  plan.rows_per_chunk = by_cap > kMinRowsPerChunk ? by_cap : kMinRowsPerChunk;
+  plan.chunks = (plan.rows + plan.rows_per_chunk - 1) / plan.rows_per_chunk;
+  const int64_t tile_columns = kThreads * (16 / element_size);
+  plan.column_tiles = need_hidden || need_weight ? (H + tile_columns - 1) / tile_columns : 1;
+  plan.fits = plan.column_tiles <= 65535;
+  plan.partial_elements = need_weight || need_bias ? plan.chunks * (H + 1) : 0;
+  plan.j_begin = need_weight ? 0 : H;
+  plan.j_end = need_bias ? H + 1 : H;
+  plan.reduce_blocks = (plan.j_end - plan.j_begin + kWarpSize - 1) / kWarpSize;
+  return plan;
+}
+
+template <typename scalar_t>
+struct BackwardArgs {
+  const float* grad_scores;
+  const float* grad_rewards;
+  const float* grad_token_rewards;
+  const scalar_t* hidden;
+  int64_t hidden_stride_b, hidden_stride_t;
+  const float* weight;
+  const uint8_t* mask;
+  const int64_t* start;
+  const int64_t* last_index;
+  int64_t B, T, H;
+  bool baseline_zero;
+  scalar_t* grad_hidden;  // nullptr: not requested
+  int64_t grad_stride_b, grad_stride_t;
+  float* grad_weight;  // nullptr: not requested
+  float* grad_bias;    // nullptr: not requested
+  float* partial;      // plan.partial_elements floats, or nullptr when that is 0
+};
+
+template <typename scalar_t>
+bool backward_aligned(const BackwardArgs<scalar_t>& a) {
+  return (a.grad_weight == nullptr ||
+          rows_aligned(a.hidden, sizeof(scalar_t), a.B, a.hidden_stride_b, a.T, a.hidden_stride_t)) &&
+         (a.grad_hidden == nullptr ||
+          rows_aligned(a.grad_hidden, sizeof(scalar_t), a.B, a.grad_stride_b, a.T, a.grad_stride_t));
+}
+
+// !plan.empty and plan.fits.
+template <typename scalar_t, bool kAligned, typename Launch>
+void launch_backward(Launch&& launch, const BackwardPlan& plan, const BackwardArgs<scalar_t>& a) {
+  const bool need_weight = a.grad_weight != nullptr, need_bias = a.grad_bias != nullptr;
+  launch("redistribute_backward_kernel", redistribute_backward_kernel<scalar_t, kAligned>,
+         dim3(static_cast<unsigned>(plan.chunks), static_cast<unsigned>(plan.column_tiles)), dim3(kThreads),
+         a.grad_scores, a.grad_rewards, a.grad_token_rewards, a.hidden, a.hidden_stride_b, a.hidden_stride_t, a.weight,
+         a.mask, a.start, a.last_index, a.T, a.H, plan.rows, plan.rows_per_chunk, a.baseline_zero, a.grad_hidden,
+         a.grad_stride_b, a.grad_stride_t, a.partial, need_weight, need_bias);
+  if (plan.partial_elements > 0) {
+    launch("reduce_partials_kernel", reduce_partials_kernel, dim3(static_cast<unsigned>(plan.reduce_blocks)),
+           dim3(kWarpSize, kWarps), static_cast<const float*>(a.partial), plan.chunks, a.H, plan.j_begin, plan.j_end,
+           a.grad_weight, a.grad_bias);
+  }
+}
+
+}  // namespace cuda_impl
+}  // namespace red_kernels

@@ -1,0 +1,263 @@
+"""The CUDA kernels' own source, executed on the CPU by the host SIMT harness (csrc/simt/README.md).
+
+csrc/cuda/redistribute_kernels.cuh is compiled as plain C++ over csrc/simt/simt.h, under
+AddressSanitizer + UndefinedBehaviorSanitizer, and installed as the C++ op's CPU kernel for the
+duration of each test (tests/simt_harness.py), so the calls below go through the public
+`red_kernels.redistribute` exactly as the `cuda` backend's do on a GPU: op.py's normalisation, the
+registered autograd formula, the same launch plans. The matrix is test_cuda.py's GPU matrix (every
+case of cases.py, forward and gradients, the vector-tail and unaligned layouts, block and chunk
+boundaries, unrequested gradients, padding, determinism, offsets past 2^31) plus shapes at the
+kernels' internal boundaries. ThreadSanitizer runs a subset, and planted bugs prove each check bites.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import red_kernels
+import simt_harness
+from cases import (Case, assert_gradients_match, assert_matches, assert_padding_never_read, forward_cases,
+                   layout_inputs, make_inputs, reference_gradients, upstream_gradients, weighted_loss)
+
+CASES = forward_cases()
+RING_ROUND = {"f32": 32 * 4, "bf16": 32 * 8, "f16": 32 * 8}  # elements one warp's ring round moves
+
+
+@pytest.fixture
+def cuda_sim(poison_empty):
+    """The harness as the CPU kernel (AddressSanitizer + UBSan build): backend="cpu" runs the CUDA source."""
+    before = dict(simt_harness.CALLS)
+    with simt_harness.as_cpu_kernel("asan"):
+        yield "cpu"
+    assert simt_harness.CALLS != before, "the harness never ran: the CPU kernel was not replaced"
+
+
+@pytest.fixture
+def cuda_sim_backward(poison_empty):
+    """Like cuda_sim, with the forward from the eager reference: for backward-only tests of long shapes."""
+    before = simt_harness.CALLS["backward"]
+    with simt_harness.as_cpu_kernel("asan", forward_by_reference=True):
+        yield "cpu"
+    assert simt_harness.CALLS["backward"] > before, "the harness's backward never ran"
+
+
+def run(inputs: dict, backend: str):
+    return red_kernels.redistribute(**inputs, backend=backend)
+
+
+# ---------------------------------------------------------------------------------------
+# Forward
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_forward_matches_float64_spec(case: Case, cuda_sim: str) -> None:
+    inputs = make_inputs(case)
+    assert_matches(run(inputs, cuda_sim), inputs)
+
+
+@pytest.mark.parametrize("layout", ["sliced", "offset"])
+@pytest.mark.parametrize("dtype", ["f32", "bf16", "f16"])
+@pytest.mark.parametrize("H", [5, 37, 1000, 2051])
+def test_forward_vector_tail_and_unaligned(layout: str, dtype: str, H: int, cuda_sim: str) -> None:
+    inputs = layout_inputs(layout, dtype, H, seed=H)
+    if layout == "offset":
+        assert inputs["hidden"].data_ptr() % 16 != 0
+    assert_matches(run(inputs, cuda_sim), inputs)
+
+
+def _ring_cases() -> list[Case]:
+    """Aligned rows (the cp.async path) with H below, at and above one ring round and the ring's depth
+    (4 rounds), so slots are reused: every dtype, every padding, both baselines across the set."""
+    cases = []
+    for dtype, rnd in RING_ROUND.items():
+        for k, H in enumerate([rnd - 8, rnd, rnd + 8, 4 * rnd, 4 * rnd + 8, 8 * rnd + 16]):
+            cases.append(Case(3, 31, H, dtype=dtype, padding=["both", "right", "left", "holey", "empty-row", "none"][k],
+                              start="tensor", baseline=["prompt", "zero"][k % 2], bias=["float", "tensor"][k % 2],
+                              seed=7 * H))
+    return cases
+
+
+RING_CASES = _ring_cases()
+
+
+@pytest.mark.parametrize("case", RING_CASES, ids=[c.id for c in RING_CASES])
+def test_ring_rounds_forward_and_gradients(case: Case, cuda_sim: str) -> None:
+    inputs = make_inputs(case)
+    assert inputs["hidden"].data_ptr() % 16 == 0 and (case.H * inputs["hidden"].element_size()) % 16 == 0
+    assert_matches(run(inputs, cuda_sim), inputs)
+    assert_gradients_match(case, cuda_sim, inputs=inputs)
+    assert simt_harness.LAST_BACKWARD_PLAN["aligned"] == 1
+
+
+@pytest.mark.parametrize("T", [1, 14, 15, 16, 29, 30, 31, 46, 300])
+def test_block_boundaries(T: int, cuda_sim: str) -> None:
+    """T around the forward's 15 positions per block (1, 2 and many blocks per row), every padding: the
+    halo row, the one block per row that writes last_index and rewards, rows that are all padding."""
+    for seed, padding in enumerate(["right", "left", "both", "holey", "empty-row"]):
+        for baseline in ("prompt", "zero"):
+            inputs = make_inputs(Case(5, T, 24, dtype="bf16", padding=padding, start="tensor", baseline=baseline,
+                                      seed=100 * T + seed))
+            assert_matches(run(inputs, cuda_sim), inputs)
+
+
+def test_long_right_padding_scan(cuda_sim: str) -> None:
+    """Rows far longer than one 256-position scan window, mostly right padding: the "is there a real
+    token later" scan crosses many windows, and exactly one block per row writes last_index."""
+    inputs = make_inputs(Case(2, 700, 8, dtype="f32", padding="right", start="tensor", seed=77))
+    inputs["attention_mask"][0] = 0
+    inputs["attention_mask"][0, :20] = 1  # 680 padding positions after the last real one
+    inputs["attention_mask"][1] = 0  # all padding
+    assert_matches(run(inputs, cuda_sim), inputs)
+
+
+# ---------------------------------------------------------------------------------------
+# Gradients
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_gradients_match_autograd_through_eager(case: Case, cuda_sim: str) -> None:
+    assert_gradients_match(case, cuda_sim)
+
+
+@pytest.mark.parametrize("layout", ["sliced", "offset"])
+@pytest.mark.parametrize("dtype", ["f32", "bf16"])
+def test_gradients_vector_tail_and_unaligned(layout: str, dtype: str, cuda_sim: str) -> None:
+    """H = 2051 spans a second column tile of the backward kernel, with a partial last pack."""
+    inputs = layout_inputs(layout, dtype, 2051, seed=5)
+    assert_gradients_match(Case(3, 37, 2051, dtype=dtype, seed=5), cuda_sim, inputs=inputs)
+    assert simt_harness.LAST_BACKWARD_PLAN["column_tiles"] == (3 if dtype == "f32" else 2)
+
+
+@pytest.mark.parametrize("rows, chunks", [(31, 1), (32, 1), (33, 2), (257, 9), (8192, 256), (8193, 249),
+                                          (9216, 256)])
+def test_gradients_across_chunks(rows: int, chunks: int, cuda_sim_backward: str) -> None:
+    """B*T around the backward's row chunks (32 rows at least, 256 chunks at most, the cap reached)."""
+    assert_gradients_match(Case(1, rows, 40, dtype="bf16", padding="holey", start="tensor", bias="tensor", seed=rows),
+                           cuda_sim_backward)
+    assert simt_harness.LAST_BACKWARD_PLAN["chunks"] == chunks
+
+
+def _backward_args(case: Case):
+    inputs = make_inputs(case)
+    B, T, H = inputs["hidden"].shape
+    mask = (inputs["attention_mask"] != 0).to(torch.uint8)
+    start = torch.full((B,), inputs["response_start"]) if isinstance(inputs["response_start"], int) else \
+        inputs["response_start"]
+    last_index = red_kernels.redistribute(**inputs, backend="eager").last_index
+    upstream = upstream_gradients(B, T, case.seed)
+    return (*upstream, inputs["hidden"], inputs["weight"], mask, start, last_index, False)
+
+
+@pytest.mark.parametrize("output_mask", [[True, False, False], [False, True, False], [False, False, True],
+                                         [True, False, True], [False, True, True]])
+def test_backward_skips_unrequested(output_mask: list[bool]) -> None:
+    """What is not requested comes back empty; what is requested is bitwise what a full call gives."""
+    args = _backward_args(Case(4, 50, 300, dtype="bf16", padding="both", seed=41))
+    full = simt_harness.backward(*args, [True, True, True])
+    some = simt_harness.backward(*args, output_mask)
+    for wanted, got, want in zip(output_mask, some, full):
+        if wanted:
+            assert torch.equal(got, want)
+        else:
+            assert got.numel() == 0
+
+
+def test_padding_content_never_matters(cuda_sim: str) -> None:
+    assert_padding_never_read(cuda_sim, "cpu", Case(3, 40, 64, padding="both", start="tensor", seed=9))
+
+
+def test_grad_weight_is_deterministic() -> None:
+    args = _backward_args(Case(2, 300, 264, dtype="bf16", padding="holey", seed=10))
+    first = simt_harness.backward(*args, [True, True, True])
+    second = simt_harness.backward(*args, [True, True, True])
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def _beyond_int32_inputs() -> dict:
+    """A [2, 3, 16] bfloat16 view whose second row starts 2^31 + 16 elements in (4 GiB of address space,
+    a few pages of data): every offset into row 1 needs 64 bits."""
+    B, T, H = 2, 3, 16
+    stride_b = 2**31 + 16
+    storage = torch.empty(stride_b + T * H, dtype=torch.bfloat16)  # untouched pages stay unallocated
+    hidden = torch.as_strided(storage, (B, T, H), (stride_b, H, 1))
+    generator = torch.Generator().manual_seed(31)
+    hidden.copy_(torch.randn(B, T, H, generator=generator))
+    mask = torch.ones(B, T, dtype=torch.int64)
+    mask[0, -1] = 0
+    return dict(hidden=hidden, weight=torch.randn(H, generator=generator) / 4, bias=0.5, attention_mask=mask,
+                response_start=torch.tensor([0, 1]), baseline="prompt")
+
+
+def test_offsets_beyond_int32() -> None:
+    inputs = _beyond_int32_inputs()
+    with simt_harness.as_cpu_kernel("asan"):
+        assert_matches(run(inputs, "cpu"), inputs)
+        assert_gradients_match(Case(2, 3, 16, dtype="bf16", seed=31), "cpu", inputs=inputs)
+
+
+# ---------------------------------------------------------------------------------------
+# ThreadSanitizer: a data race on shared (or global) memory between two barriers fails.
+
+TSAN_CASES = [Case(3, 40, 1024, dtype="f32", padding="none", start="tensor", seed=3),
+              Case(2, 33, 2056, dtype="bf16", padding="both", start="tensor", bias="tensor", seed=4),
+              Case(4, 63, 123, dtype="f16", padding="holey", start="int", baseline="zero", seed=5),
+              Case(1, 257, 40, dtype="bf16", padding="empty-row", start="tensor", bias="tensor", seed=6)]
+
+
+@pytest.mark.parametrize("case", TSAN_CASES, ids=[c.id for c in TSAN_CASES])
+def test_thread_sanitizer(case: Case, poison_empty) -> None:
+    inputs = make_inputs(case)
+    with simt_harness.as_cpu_kernel("tsan"):
+        assert_matches(run(inputs, "cpu"), inputs)
+        assert_gradients_match(case, "cpu", inputs=inputs)
+
+
+# ---------------------------------------------------------------------------------------
+# Planted bugs (RED_MUTANT(n) in the kernels' header): each must be caught, and by the check meant for it.
+
+MUTANTS = {
+    1: ("asan", "a missing cp.async.wait_group", r"while the cp\.async into it .* is in flight"),
+    2: ("asan", "a ring slot reused one round early", r"in flight"),
+    3: ("asan", "the halo row shifted by one", r"token_rewards: \d+ elements out of tolerance"),
+    4: ("asan", "__syncthreads in a branch not every thread takes", r"exits while other threads wait"),
+    5: ("asan", "a shuffle mask missing a lane", r"mask 0x7fffffff"),
+    6: ("asan", "a backward chunk that skips its last row", r"grad_hidden: \d+ elements out of tolerance"),
+    7: ("asan", "a 32-bit row offset", r"AddressSanitizer|scores: \d+ elements out of tolerance"),
+    8: ("tsan", "no barrier between writing and reading chunk_scores", r"ThreadSanitizer: data race"),
+}
+MUTANT_CASES = [Case(3, 40, 1024, dtype="f32", padding="none", start="tensor", seed=3),
+                Case(2, 31, 2056, dtype="bf16", padding="both", start="tensor", bias="tensor", seed=8)]
+
+
+def _run_matrix_subset(variant: str, mutant: int) -> None:
+    with simt_harness.as_cpu_kernel(variant, mutant):
+        for case in MUTANT_CASES:
+            inputs = make_inputs(case)
+            assert_matches(run(inputs, "cpu"), inputs)
+            assert_gradients_match(case, "cpu", inputs=inputs)
+        inputs = _beyond_int32_inputs()
+        assert_matches(run(inputs, "cpu"), inputs)
+
+
+@pytest.mark.parametrize("mutant", sorted(MUTANTS), ids=[MUTANTS[m][1].replace(" ", "_") for m in sorted(MUTANTS)])
+def test_planted_bug_is_caught(mutant: int, poison_empty) -> None:
+    variant, what, message = MUTANTS[mutant]
+    with pytest.raises((simt_harness.SimtError, AssertionError), match=message):
+        _run_matrix_subset(variant, mutant)
+
+
+def test_unmutated_subset_passes_both_sanitizers(poison_empty) -> None:
+    """The control for the planted bugs: the same subset passes without a mutation."""
+    _run_matrix_subset("asan", None)
+    with simt_harness.as_cpu_kernel("tsan"):
+        case = MUTANT_CASES[0]
+        inputs = make_inputs(case)
+        assert_matches(run(inputs, "cpu"), inputs)
+
+
+def test_mutants_are_absent_from_the_real_build() -> None:
+    """RED_MUTANT(n) is false unless the harness defines RED_SIMT_MUTANT: the CUDA build never sees one."""
+    header = (simt_harness.CSRC / "cuda" / "redistribute_kernels.cuh").read_text()
+    assert "#if defined(RED_SIMT_MUTANT)" in header and "#define RED_MUTANT(n) false" in header
+    assert "RED_SIMT_MUTANT" not in (simt_harness.CSRC / "cuda" / "redistribute.cu").read_text()
