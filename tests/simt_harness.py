@@ -50,6 +50,9 @@ SANITIZER_ENV = {
     "TSAN_OPTIONS": "halt_on_error=1:exitcode=3:report_signal_unsafe=0",
 }
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+# The SM count the backward's launch plan sizes its row chunks for (redistribute.cu asks the device):
+# an H100's / H200's by default; tests pass small ones to reach the chunking's limits with few rows.
+DEFAULT_SM_COUNT = 132
 # A hidden tensor spanning more than this many bytes goes to the harness as a sparse file, rows only.
 SPARSE_BYTES = 64 << 20
 # Kernel runs through the harness, so a test can check that the harness (not the C++ CPU kernel) ran,
@@ -182,7 +185,7 @@ def forward(hidden, weight, bias, mask, start, baseline_zero: bool, *, variant: 
 
 def backward(grad_scores, grad_rewards, grad_token_rewards, hidden, weight, mask, start, last_index,
              baseline_zero: bool, output_mask, *, variant: str = "asan", mutant: int | None = None,
-             plan: dict | None = None) -> tuple[torch.Tensor, ...]:
+             sm_count: int = DEFAULT_SM_COUNT, plan: dict | None = None) -> tuple[torch.Tensor, ...]:
     """red_kernels::redistribute_backward through the harness: (grad_hidden, grad_weight, grad_bias), each
     empty when not requested. ``plan``, if given, receives the launch the harness chose."""
     _check_normalised(hidden, weight, mask, start)
@@ -198,7 +201,7 @@ def backward(grad_scores, grad_rewards, grad_token_rewards, hidden, weight, mask
                              ("grad_token_rewards", grad_token_rewards)):
             _write(directory / f"{file}.bin", tensor)
         meta.update(baseline_zero=int(baseline_zero), need_hidden=int(need_hidden), need_weight=int(need_weight),
-                    need_bias=int(need_bias))
+                    need_bias=int(need_bias), sm_count=sm_count)
         stdout = _run(variant, mutant, "backward", directory, meta)
         CALLS["backward"] += 1
         words = stdout.split()
@@ -214,7 +217,8 @@ def backward(grad_scores, grad_rewards, grad_token_rewards, hidden, weight, mask
 
 
 @contextlib.contextmanager
-def as_cpu_kernel(variant: str = "asan", mutant: int | None = None, *, forward_by_reference: bool = False):
+def as_cpu_kernel(variant: str = "asan", mutant: int | None = None, *, forward_by_reference: bool = False,
+                  sm_count: int = DEFAULT_SM_COUNT):
     """Within the block, the C++ ops' CPU kernels are the harness (the registrations are removed after).
     ``forward_by_reference``: the forward is the eager reference instead (for backward-only tests of
     shapes whose forward would take long in the emulator)."""
@@ -230,7 +234,7 @@ def as_cpu_kernel(variant: str = "asan", mutant: int | None = None, *, forward_b
     def backward_kernel(grad_scores, grad_rewards, grad_token_rewards, hidden, weight, mask, start, last_index,
                         baseline_zero, output_mask):
         return backward(grad_scores, grad_rewards, grad_token_rewards, hidden, weight, mask, start, last_index,
-                        baseline_zero, output_mask, variant=variant, mutant=mutant)
+                        baseline_zero, output_mask, variant=variant, mutant=mutant, sm_count=sm_count)
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Oo]verrid.*")

@@ -33,13 +33,6 @@ def cuda_sim(poison_empty):
     assert simt_harness.CALLS != before, "the harness never ran: the CPU kernel was not replaced"
 
 
-@pytest.fixture
-def cuda_sim_backward(poison_empty):
-    """Like cuda_sim, with the forward from the eager reference: for backward-only tests of long shapes."""
-    before = simt_harness.CALLS["backward"]
-    with simt_harness.as_cpu_kernel("asan", forward_by_reference=True):
-        yield "cpu"
-    assert simt_harness.CALLS["backward"] > before, "the harness's backward never ran"
 
 
 def run(inputs: dict, backend: str):
@@ -129,12 +122,19 @@ def test_gradients_vector_tail_and_unaligned(layout: str, dtype: str, cuda_sim: 
     assert simt_harness.LAST_BACKWARD_PLAN["column_tiles"] == (3 if dtype == "f32" else 2)
 
 
-@pytest.mark.parametrize("rows, chunks", [(31, 1), (32, 1), (33, 2), (257, 9), (8192, 256), (8193, 249),
-                                          (9216, 256)])
-def test_gradients_across_chunks(rows: int, chunks: int, cuda_sim_backward: str) -> None:
-    """B*T around the backward's row chunks (32 rows at least, 256 chunks at most, the cap reached)."""
-    assert_gradients_match(Case(1, rows, 40, dtype="bf16", padding="holey", start="tensor", bias="tensor", seed=rows),
-                           cuda_sim_backward)
+# (SMs, rows, H, dtype) -> chunks: at least 16 rows a chunk; chunks x column tiles aim at 4 blocks per SM.
+CHUNKING = [(2, 15, 40, "bf16", 1), (2, 16, 40, "bf16", 1), (2, 17, 40, "bf16", 2), (2, 128, 40, "bf16", 8),
+            (2, 129, 40, "bf16", 8), (2, 1000, 40, "bf16", 8), (2, 300, 2051, "f32", 3), (5, 300, 2051, "f32", 7),
+            (132, 257, 40, "bf16", 17), (132, 8448, 24, "bf16", 528), (132, 9000, 24, "bf16", 500)]
+
+
+@pytest.mark.parametrize("sms, rows, H, dtype, chunks", CHUNKING)
+def test_gradients_across_chunks(sms: int, rows: int, H: int, dtype: str, chunks: int, poison_empty) -> None:
+    """B*T around the backward's row chunks, for a few SM counts: the 16-row minimum, the block target,
+    several column tiles. The forward is the eager reference here (only the backward is under test)."""
+    case = Case(1, rows, H, dtype=dtype, padding="holey", start="tensor", bias="tensor", seed=rows)
+    with simt_harness.as_cpu_kernel("asan", forward_by_reference=True, sm_count=sms):
+        assert_gradients_match(case, "cpu")
     assert simt_harness.LAST_BACKWARD_PLAN["chunks"] == chunks
 
 

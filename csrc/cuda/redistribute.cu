@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include <array>
+#include <atomic>
 #include <cstdint>
 #include <optional>
 #include <tuple>
@@ -29,6 +30,18 @@ struct StreamLaunch {
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 };
+
+// The device's SM count, asked once per device.
+int64_t sm_count(int device) {
+  static std::array<std::atomic<int>, 64> cached{};
+  const bool cacheable = device >= 0 && device < static_cast<int>(cached.size());
+  int count = cacheable ? cached[device].load(std::memory_order_relaxed) : 0;
+  if (count == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+    if (cacheable) cached[device].store(count, std::memory_order_relaxed);
+  }
+  return count;
+}
 
 // fn(scalar_t{}) for hidden's dtype.
 template <typename Fn>
@@ -99,7 +112,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> redistribute_backward_cuda(
   at::Tensor grad_hidden = need_hidden ? at::empty({B, T, H}, hidden.options()) : empty_gradient(hidden);
   at::Tensor grad_weight = need_weight ? at::empty({H}, weight.options()) : empty_gradient(weight);
   at::Tensor grad_bias = need_bias ? at::empty({1}, weight.options()) : empty_gradient(weight);
-  const BackwardPlan plan = backward_plan(B, T, H, hidden.element_size(), need_hidden, need_weight, need_bias);
+  const BackwardPlan plan = backward_plan(B, T, H, hidden.element_size(), need_hidden, need_weight, need_bias,
+                                          sm_count(hidden.get_device()));
   if (plan.empty) {
     if (need_weight) grad_weight.zero_();
     if (need_bias) grad_bias.zero_();

@@ -59,10 +59,14 @@ constexpr int kWarpSize = 32;
 constexpr int kThreads = 256;  // every kernel here: 8 warps per block
 constexpr int kWarps = kThreads / kWarpSize;
 constexpr int kRowsPerBlock = 2 * kWarps - 1;  // forward: with the halo row, exactly 2 rows per warp
+constexpr int kTasksPerWarp = (kRowsPerBlock + 1 + kWarps - 1) / kWarps;
 constexpr int kStages = 4;                     // ring slots per thread: kStages - 1 loads in flight
-constexpr int kForwardBlocksPerSM = 4;
-constexpr int64_t kMaxChunks = 256;            // backward: at most this many partial rows to reduce
-constexpr int64_t kMinRowsPerChunk = 32;
+constexpr int kForwardBlocksPerSM = 6;  // <= 40 registers: B=8, T=1024 (552 blocks) fits one wave on 132 SMs
+// Backward: enough row chunks x column tiles for this many resident blocks per SM (44-47 registers and
+// 22.8 KB of shared memory let 5 fit), each chunk at least kMinRowsPerChunk rows so that its partial row
+// (H + 1 floats, written and read once) stays small beside the rows it sums.
+constexpr int64_t kBackwardBlocksPerSM = 4;
+constexpr int64_t kMinRowsPerChunk = 16;
 
 // Elements per 16-byte access: 4 float32 or 8 bfloat16 / float16.
 template <typename scalar_t>
@@ -116,6 +120,20 @@ __device__ inline void wait_copies() {
 #endif
 }
 
+// One 16-byte global store. A plain Pack assignment is split by nvcc into 4 (float32) or 7 (16-bit)
+// narrower stores; st.global.v4.b32 is one STG.E.128.
+template <typename scalar_t>
+__device__ inline void store_pack(scalar_t* global, const Pack<scalar_t>& x) {
+#if defined(RED_SIMT)
+  *reinterpret_cast<Pack<scalar_t>*>(global) = x;
+#else
+  const uint4 bits = *reinterpret_cast<const uint4*>(&x);
+  asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"l"(global), "r"(bits.x), "r"(bits.y), "r"(bits.z),
+               "r"(bits.w)
+               : "memory");
+#endif
+}
+
 // A ring slot's pack, once its copy has landed (the harness fails a read of a slot still in flight).
 template <typename scalar_t>
 __device__ inline Pack<scalar_t> read_pack(const uint4& slot) {
@@ -141,39 +159,72 @@ __device__ inline void pack_dot(const Pack<scalar_t>& x, const float4* __restric
   }
 }
 
-// dot(row[0:H], weight[0:H]) in float32 by one warp; every lane returns the same value. kAligned: row
-// and weight are 16-byte aligned, so whole packs stream through this warp's ring (ring[slot][lane]);
-// the scalar loop takes the H % kVec tail (or, unaligned, everything).
-template <typename scalar_t, bool kAligned>
-__device__ float warp_row_dot(const scalar_t* __restrict__ row, const float* __restrict__ weight, int64_t H,
-                              int lane, uint4 (*ring)[kWarpSize]) {
-  float acc = 0.0f;
+// out[k] = dot(rows[k][0:H], weight[0:H]) in float32 by one warp, for each row that is not null (0 for
+// a null one); every lane returns the same values. kAligned: rows and weight are 16-byte aligned, so
+// whole packs stream through this warp's ring (ring[slot][lane]), every row's rounds back to back as one
+// stream, so the next row's loads are in flight while this one's last round is used; the scalar loop
+// takes the H % kVec tail (or, unaligned, everything).
+template <typename scalar_t, bool kAligned, int K>
+__device__ void warp_rows_dot(const scalar_t* const (&rows)[K], const float* __restrict__ weight, int64_t H, int lane,
+                              uint4 (*ring)[kWarpSize], float (&out)[K]) {
+  float acc[K];
+#pragma unroll
+  for (int k = 0; k < K; ++k) acc[k] = 0.0f;
   int64_t scalar_from = 0;
   if constexpr (kAligned) {
     constexpr int V = kVec<scalar_t>;
-    const auto* row_packs = reinterpret_cast<const uint4*>(row);
     const auto* weight4 = reinterpret_cast<const float4*>(weight);  // pack p's weights: weight4[p * V / 4 ...]
     const int64_t packs = H / V;
-    const int64_t rounds = (packs + kWarpSize - 1) / kWarpSize;  // in round j, lane takes pack j * 32 + lane
-    // Starts round j into slot j % kStages; commits a group even when empty, so round j is group j.
-    auto start_round = [&](int64_t j) {
-      const int64_t p = j * kWarpSize + lane;
-      if (p < packs) copy_async_16(&ring[j % kStages][lane], row_packs + p);
+    // In round j, lane takes pack j * 32 + lane. 32-bit round counters: H < 2^36 elements a row.
+    const int rounds = static_cast<int>((packs + kWarpSize - 1) / kWarpSize);
+    // The next round to start: round issue_j of row issue_k, into slot issued % kStages. Each start
+    // commits a group, even an empty one past the last row, so the stream's round g is group g.
+    // rows[k] by an unrolled select: a dynamically indexed local array would live in local memory.
+    auto row_at = [&](int k) {
+      const scalar_t* row = nullptr;
+#pragma unroll
+      for (int q = 0; q < K; ++q) row = q == k ? rows[q] : row;
+      return row;
+    };
+    int issue_k = 0, issue_j = 0;
+    unsigned issued = 0;
+    while (issue_k < K && row_at(issue_k) == nullptr) ++issue_k;
+    const scalar_t* issue_row = row_at(issue_k);
+    auto start_next = [&]() {
+      if (issue_row != nullptr) {
+        const int64_t p = static_cast<int64_t>(issue_j) * kWarpSize + lane;
+        if (p < packs) copy_async_16(&ring[issued % kStages][lane], reinterpret_cast<const uint4*>(issue_row) + p);
+        if (++issue_j == rounds) {
+          issue_j = 0;
+          do ++issue_k; while (issue_k < K && row_at(issue_k) == nullptr);
+          issue_row = row_at(issue_k);
+        }
+      }
+      ++issued;
       commit_copies();
     };
-    for (int j = 0; j < kStages - 1; ++j) start_round(j);
-    for (int64_t j = 0; j < rounds; ++j) {
-      // round j has landed; rounds j + 1 .. j + kStages - 2 may be in flight
-      if (!RED_MUTANT(1)) wait_copies<kStages - 2>();
-      // into slot (j - 1) % kStages, read and used in round j - 1
-      start_round(j + kStages - 1 + (RED_MUTANT(2) ? 1 : 0));
-      const int64_t p = j * kWarpSize + lane;
-      if (p < packs) pack_dot(read_pack<scalar_t>(ring[j % kStages][lane]), weight4 + p * (V / 4), acc);
+    for (int g = 0; g < kStages - 1 + (RED_MUTANT(2) ? 1 : 0); ++g) start_next();
+    unsigned g = 0;  // the stream's round being used
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      if (rows[k] == nullptr) continue;
+      for (int j = 0; j < rounds; ++j, ++g) {
+        // round g has landed; rounds g + 1 .. g + kStages - 2 may be in flight
+        if (!RED_MUTANT(1)) wait_copies<kStages - 2>();
+        start_next();  // into slot (g - 1) % kStages, read and used in round g - 1
+        const int64_t p = static_cast<int64_t>(j) * kWarpSize + lane;
+        if (p < packs) pack_dot(read_pack<scalar_t>(ring[g % kStages][lane]), weight4 + p * (V / 4), acc[k]);
+      }
     }
     scalar_from = packs * V;
   }
-  for (int64_t h = scalar_from + lane; h < H; h += kWarpSize) acc += static_cast<float>(row[h]) * weight[h];
-  return warp_sum(acc);
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    if (rows[k] == nullptr) continue;
+    for (int64_t h = scalar_from + lane; h < H; h += kWarpSize) acc[k] += static_cast<float>(rows[k][h]) * weight[h];
+  }
+#pragma unroll
+  for (int k = 0; k < K; ++k) out[k] = warp_sum(acc[k]);  // K is fixed: every lane reaches every shuffle
 }
 
 // chunk_scores[0]: the score at t0 - 1 (the halo row; 0 when not needed); chunk_scores[1 + i]: at t0 + i.
@@ -183,7 +234,7 @@ struct ForwardShared {
 };
 
 // Grid: B * chunks_per_row blocks; block = (b, chunk), positions t0 .. t0 + kRowsPerBlock - 1.
-// At least kForwardBlocksPerSM resident blocks (<= 64 registers): 32 warps, 3 packs in flight each.
+// At least kForwardBlocksPerSM resident blocks (<= 40 registers): 48 warps, 3 packs in flight each.
 template <typename scalar_t, bool kAligned>
 __global__ void __launch_bounds__(kThreads, kForwardBlocksPerSM) redistribute_forward_kernel(
     const scalar_t* __restrict__ hidden, int64_t stride_b, int64_t stride_t, const float* __restrict__ weight,
@@ -202,25 +253,46 @@ __global__ void __launch_bounds__(kThreads, kForwardBlocksPerSM) redistribute_fo
   // The halo score is read only by token_reward at t0, and only when that token's baseline counts.
   const bool need_halo = is_response(mask_row[t0] != 0, t0, s) &&
                          previous_counts(t0 >= 1 && mask_row[t0 - 1] != 0, t0, s, baseline_zero);
+  // Which block writes last_index and rewards (2) depends on whether the row has a real token after this
+  // block. Only a block holding a real token, and a row's first block (for a row with none), need to know.
+  // They scan forward from the block's end, one window of kThreads positions per barrier, and stop at the
+  // first real token: the block holding the row's last real token walks the right padding once, the
+  // others usually stop in their first window, and blocks of padding skip the scan. (Loading the first
+  // window before the dot products costs 24 bytes of spills at the 40 registers of 6 blocks per SM.)
+  bool here = false;  // the same bytes for every thread, so uniform across the block
+  for (int i = 0; i < rows; ++i) here = here || mask_row[t0 + i] != 0;
+  const bool need_later = here || t0 == 0;
 
-  // (1) Scores. Task i is position t0 - 1 + i (task 0 the halo). Padding scores 0 and is never read.
-  for (int i = warp; i <= rows; i += kWarps) {
+  // (1) Scores. Task i is position t0 - 1 + i (task 0 the halo); warp w takes tasks w, w + kWarps, ...
+  // Padding scores 0 and is never read (a null row). The choice is uniform across the warp.
+  const scalar_t* task_rows[kTasksPerWarp];
+#pragma unroll
+  for (int k = 0; k < kTasksPerWarp; ++k) {
+    const int i = warp + k * kWarps;
     const int64_t t = t0 - 1 + i - (RED_MUTANT(3) && i == 0 ? 1 : 0);
-    float score = 0.0f;
-    if ((i > 0 || need_halo) && mask_row[t] != 0) {  // uniform across the warp: every lane reaches the shuffles
-      const scalar_t* row = RED_MUTANT(7) ? hidden + static_cast<int32_t>(b * stride_b + t * stride_t)
-                                          : hidden + b * stride_b + t * stride_t;
-      score = warp_row_dot<scalar_t, kAligned>(row, weight, H, lane, smem.ring[warp]) + bias_value;
-    }
-    if (lane == 0) smem.chunk_scores[i] = score;
+    const bool wanted = i <= rows && (i > 0 || need_halo) && mask_row[t] != 0;
+    task_rows[k] = !wanted ? nullptr
+                   : RED_MUTANT(7) ? hidden + static_cast<int32_t>(b * stride_b + t * stride_t)
+                                   : hidden + b * stride_b + t * stride_t;
+  }
+  float dots[kTasksPerWarp];
+  warp_rows_dot<scalar_t, kAligned>(task_rows, weight, H, lane, smem.ring[warp], dots);
+#pragma unroll
+  for (int k = 0; k < kTasksPerWarp; ++k) {
+    const int i = warp + k * kWarps;
+    if (lane == 0 && i <= rows) smem.chunk_scores[i] = task_rows[k] == nullptr ? 0.0f : dots[k] + bias_value;
   }
   // Does the row have a real token after this block's positions? Then its last token is elsewhere.
-  // Scanned back from the row's end a window of kThreads positions at a time, so right padding
-  // costs a window per kThreads padding tokens and anything else usually one window.
   bool later = false;
-  for (int64_t end = T; end > t0 + rows && !later; end -= kThreads) {  // `later` is uniform: no divergence
-    const int64_t t = end - kThreads + threadIdx.x;
-    later = __syncthreads_or(t >= t0 + rows && mask_row[t] != 0);
+  int64_t window = t0 + rows;
+  bool mine = need_later && window + threadIdx.x < T && mask_row[window + threadIdx.x] != 0;
+  if (need_later) {
+    while (window < T) {  // uniform: window and later are the same in every thread
+      later = __syncthreads_or(mine);
+      if (later) break;
+      window += kThreads;
+      mine = window + threadIdx.x < T && mask_row[window + threadIdx.x] != 0;
+    }
   }
   if (!RED_MUTANT(8) && (!RED_MUTANT(4) || threadIdx.x < static_cast<unsigned>(rows))) {
     __syncthreads();  // publishes chunk_scores
@@ -237,7 +309,7 @@ __global__ void __launch_bounds__(kThreads, kForwardBlocksPerSM) redistribute_fo
   }
   // (2) Last index and reward, written by exactly one block per row: the one holding the last real
   // token (no real token later, one here), or for a row with no real token its first block.
-  if (threadIdx.x == 0 && !later) {
+  if (threadIdx.x == 0 && need_later && !later) {
     int i = rows - 1;
     while (i >= 0 && mask_row[t0 + i] == 0) --i;
     if (i >= 0) {
@@ -284,7 +356,7 @@ __device__ inline void store_columns(scalar_t* __restrict__ row, int64_t col0, i
     Pack<scalar_t> x;
 #pragma unroll
     for (int k = 0; k < V; ++k) x.val[k] = static_cast<scalar_t>(values[k]);
-    *reinterpret_cast<Pack<scalar_t>*>(row + first) = x;
+    store_pack(row + first, x);
   } else {
 #pragma unroll
     for (int k = 0; k < V; ++k) {
@@ -513,20 +585,23 @@ struct BackwardPlan {
   int64_t j_begin, j_end, reduce_blocks;  // the reduction's columns of partial
 };
 
-// A fixed function of the shape, so the reduction order (and the result) is too.
+// A fixed function of the shape and the device's SM count, so the reduction order (and the result) is too:
+// bitwise reproducible on one kind of GPU.
 inline BackwardPlan backward_plan(int64_t B, int64_t T, int64_t H, int64_t element_size, bool need_hidden,
-                                  bool need_weight, bool need_bias) {
+                                  bool need_weight, bool need_bias, int64_t sm_count) {
   BackwardPlan plan{};
   plan.rows = B * T;
   plan.empty = plan.rows == 0 || !(need_hidden || need_weight || need_bias);
   plan.fits = true;
   if (plan.empty) return plan;
-  const int64_t by_cap = (plan.rows + kMaxChunks - 1) / kMaxChunks;
-  plan.rows_per_chunk = by_cap > kMinRowsPerChunk ? by_cap : kMinRowsPerChunk;
-  plan.chunks = (plan.rows + plan.rows_per_chunk - 1) / plan.rows_per_chunk;
   const int64_t tile_columns = kThreads * (16 / element_size);
   plan.column_tiles = need_hidden || need_weight ? (H + tile_columns - 1) / tile_columns : 1;
   plan.fits = plan.column_tiles <= 65535;
+  const int64_t target_blocks = (sm_count > 0 ? sm_count : 1) * kBackwardBlocksPerSM;
+  const int64_t target_chunks = (target_blocks + plan.column_tiles - 1) / plan.column_tiles;
+  const int64_t by_target = (plan.rows + target_chunks - 1) / target_chunks;
+  plan.rows_per_chunk = by_target > kMinRowsPerChunk ? by_target : kMinRowsPerChunk;
+  plan.chunks = (plan.rows + plan.rows_per_chunk - 1) / plan.rows_per_chunk;
   plan.partial_elements = need_weight || need_bias ? plan.chunks * (H + 1) : 0;
   plan.j_begin = need_weight ? 0 : H;
   plan.j_end = need_bias ? H + 1 : H;

@@ -256,7 +256,8 @@ int backward(const Case& c) {
   auto grad_hidden = poisoned(need_hidden ? B * T * H * static_cast<int64_t>(sizeof(scalar_t)) : 0);
   auto grad_weight = poisoned(need_weight ? H * 4 : 0), grad_bias = poisoned(need_bias ? 4 : 0);
 
-  const BackwardPlan plan = backward_plan(B, T, H, sizeof(scalar_t), need_hidden, need_weight, need_bias);
+  const BackwardPlan plan =
+      backward_plan(B, T, H, sizeof(scalar_t), need_hidden, need_weight, need_bias, c.get("sm_count"));
   if (plan.empty) {
     std::memset(grad_weight->as<float>(), 0, need_weight ? H * 4 : 0);
     std::memset(grad_bias->as<float>(), 0, need_bias ? 4 : 0);
