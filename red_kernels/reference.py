@@ -29,7 +29,11 @@ def redistribute_reference(
     valid = attention_mask != 0
     positions = torch.arange(T, device=hidden.device)
 
-    scores = hidden.to(compute_dtype) @ weight.to(compute_dtype).reshape(-1)
+    # Padding is zeroed before the product, not only after it: the weight's gradient sums
+    # hidden over positions, and 0 * NaN there would be NaN (SPEC: padding contributes exactly 0).
+    zero = hidden.new_zeros((), dtype=compute_dtype)
+    real_hidden = torch.where(valid.unsqueeze(-1), hidden.to(compute_dtype), zero)
+    scores = real_hidden @ weight.to(compute_dtype).reshape(-1)
     if bias is not None:
         scores = scores + bias.to(compute_dtype).reshape(())
     scores = torch.where(valid, scores, scores.new_zeros(()))
