@@ -92,3 +92,15 @@ def test_other_integer_response_starts_are_read_as_their_values(dtype):
     want = red_kernels.redistribute(hidden, weight, attention_mask=mask, response_start=torch.tensor([0, 3, T]),
                                     backend="eager")
     torch.testing.assert_close(got.token_rewards, want.token_rewards, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "strided", "transposed"])
+@pytest.mark.parametrize("dtype", ["f32", "bf16"])
+def test_eager_scores_are_the_plain_product_bit_for_bit(layout, dtype):
+    """Zeroing padding before the product leaves the eager forward as it was: for every layout
+    it equals the head applied to hidden as given, then masked, to the last bit."""
+    inputs = make_inputs(Case(4, 63, 123, dtype=dtype, padding="holey", layout=layout, bias="tensor", seed=8))
+    hidden, weight, bias, mask = inputs["hidden"], inputs["weight"], inputs["bias"], inputs["attention_mask"]
+    out = red_kernels.redistribute(hidden, weight, bias, attention_mask=mask, response_start=0, backend="eager")
+    plain = torch.where(mask != 0, hidden.float() @ weight + bias, 0.0)
+    torch.testing.assert_close(out.scores, plain, rtol=0, atol=0)
