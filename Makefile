@@ -10,7 +10,7 @@ TORCH_SPEC := $(shell grep -qs 'torch<=2.14.1' /etc/xdg/pip/constraints.txt && e
 SOURCES := pyproject.toml setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h)
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-kernels test-triton demo bench wheel wheel-check clean
+.PHONY: install test test-kernels test-triton test-trl demo bench wheel wheel-check clean
 
 install: $(STAMP)
 
@@ -32,6 +32,18 @@ test-kernels: install
 test-triton: install
 	TRITON_INTERPRET=1 $(PY) -m pytest tests -q -p no:cacheprovider -k triton -m "not gpu"
 
+# TRL 1.12's own PPOTrainer with red_kernels.hf.get_reward swapped in, against the unswapped run, in a venv of
+# its own (1.12.0 is the last TRL release with a PPO trainer). It borrows the extension `make install` built in place.
+TRL_VENV := .venv-trl
+$(TRL_VENV)/.installed:
+	test -x $(TRL_VENV)/bin/python || $(PYTHON) -m venv $(TRL_VENV)
+	$(TRL_VENV)/bin/python -m pip install -q --upgrade pip
+	$(TRL_VENV)/bin/python -m pip install -q "$$($(PY) -c 'import torch; print("torch==" + torch.__version__.split("+")[0])')" "trl==1.12.0"
+	touch $@
+
+test-trl: install $(TRL_VENV)/.installed
+	PYTHONPATH=$(CURDIR) TRL_EXPERIMENTAL_SILENCE=1 $(TRL_VENV)/bin/python scripts/trl_ppo_swap.py
+
 demo: install
 	$(BIN)/red-ppo demo
 
@@ -51,4 +63,4 @@ wheel-check: wheel
 	$(PY) scripts/check_wheel.py dist
 
 clean:
-	rm -rf build dist *.egg-info red_kernels/*.so $(STAMP)
+	rm -rf build dist *.egg-info red_kernels/*.so $(STAMP) $(TRL_VENV)/.installed
