@@ -10,7 +10,7 @@ TORCH_SPEC := $(shell grep -qs 'torch<=2.14.1' /etc/xdg/pip/constraints.txt && e
 SOURCES := pyproject.toml setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h)
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-kernels test-triton test-trl demo bench wheel wheel-check clean
+.PHONY: install test test-kernels test-triton test-trl check-setuptools demo bench wheel wheel-check clean
 
 install: $(STAMP)
 
@@ -19,6 +19,7 @@ $(STAMP): $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q "setuptools>=77" "$(TORCH_SPEC)"  # the minimum setup.py checks; with torch's own pin
 	$(PY) -m pip install -q --no-build-isolation -e ".[dev]"
 	touch $@
 
@@ -43,6 +44,12 @@ $(TRL_VENV)/.installed:
 
 test-trl: install $(TRL_VENV)/.installed
 	PYTHONPATH=$(CURDIR) TRL_EXPERIMENTAL_SILENCE=1 $(TRL_VENV)/bin/python scripts/trl_ppo_swap.py
+
+# The metadata builds with the oldest setuptools setup.py accepts (77) and the newest, both with
+# --no-build-isolation as above; older ones are refused with a message naming the minimum.
+check-setuptools: install
+	$(PY) scripts/check_setuptools.py --torch-site "$$($(PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))')" \
+		77.0.1 newest --too-old 65.5.0 76.1.0
 
 demo: install
 	$(BIN)/red-ppo demo
