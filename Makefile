@@ -31,6 +31,7 @@ test-kernels: install
 	RED_KERNELS_EXPECT_EXTENSION=1 $(PY) -m pytest tests -q -p no:cacheprovider
 
 test-triton: install
+	TRITON_INTERPRET=1 $(PY) scripts/check_triton_interpreter.py  # fails fast where the interpreter cannot loop
 	TRITON_INTERPRET=1 $(PY) -m pytest tests -q -p no:cacheprovider -k triton -m "not gpu"
 
 # TRL 1.12's own PPOTrainer with red_kernels.hf.get_reward swapped in, against the unswapped run, in a venv of

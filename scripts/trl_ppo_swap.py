@@ -124,8 +124,8 @@ def zero_at_padding(model, query_responses, pad_token_id, context_length):
     return reward_logits.masked_fill(~keep.unsqueeze(-1), 0), final, lengths
 
 
-def differences(a: tuple[list[dict], dict], b: tuple[list[dict], dict]) -> tuple[list[str], float]:
-    """Metrics outside the tolerance (as text) and the largest weight difference."""
+def differences(a: tuple[list[dict], dict], b: tuple[list[dict], dict]) -> tuple[list[str], float, str]:
+    """Metrics outside the tolerance (as text), the largest weight difference and its parameter."""
     (logs_a, weights_a), (logs_b, weights_b) = a, b
     problems = []
     if len(logs_a) != len(logs_b) or len(logs_a) != STEPS or len(logs_a[0]) < 15:
@@ -135,8 +135,8 @@ def differences(a: tuple[list[dict], dict], b: tuple[list[dict], dict]) -> tuple
             x, y = left.get(key), right.get(key)
             if x is None or y is None or not math.isclose(x, y, rel_tol=METRIC_RTOL, abs_tol=METRIC_ATOL):
                 problems.append(f"step {step} {key}: {x!r} vs {y!r}")
-    worst = max((weights_a[k].double() - weights_b[k].double()).abs().max().item() for k in weights_a)
-    return problems, worst
+    worst, where = max(((weights_a[k].double() - weights_b[k].double()).abs().max().item(), k) for k in weights_a)
+    return problems, worst, where
 
 
 def main() -> int:
@@ -167,16 +167,16 @@ def main() -> int:
         started = time.perf_counter()
         theirs = run(padding, trl_get_reward)
         ours = run(padding, get_reward)
-        problems, worst = differences(theirs, ours)
+        problems, worst, where = differences(theirs, ours)
         check(not problems and worst <= WEIGHT_ATOL,
               f"{padding}-padded prompts: red_kernels.hf.get_reward swapped into PPOTrainer gives TRL's run "
-              f"({STEPS} steps: {len(problems)} metrics apart; largest weight difference {worst:.2e}, "
+              f"({STEPS} steps: {len(problems)} metrics apart; largest weight difference {worst:.2e} in {where}, "
               f"allowed {WEIGHT_ATOL:.0e}; {time.perf_counter() - started:.0f} s)")
         for line in problems[:10]:
             print("    " + line)
         if padding == "right":
             zeroed = run(padding, zero_at_padding)
-            problems, worst = differences(theirs, zeroed)
+            problems, worst, _ = differences(theirs, zeroed)
             check(bool(problems) or worst > WEIGHT_ATOL,
                   f"{padding}-padded prompts: the check tells a get_reward with 0 at padding apart from TRL's "
                   f"({len(problems)} metrics apart, largest weight difference {worst:.2e})")
