@@ -10,7 +10,7 @@ TORCH_SPEC := $(shell grep -qs 'torch<=2.14.1' /etc/xdg/pip/constraints.txt && e
 SOURCES := pyproject.toml setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h)
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-kernels test-triton test-simt demo bench wheel wheel-check clean
+.PHONY: install test test-kernels test-triton test-simt test-trl check-setuptools demo bench wheel wheel-check clean
 
 install: $(STAMP)
 
@@ -18,7 +18,7 @@ install: $(STAMP)
 $(STAMP): $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q "setuptools>=77" "$(TORCH_SPEC)"  # the minimum setup.py checks; with torch's own pin
 	$(PY) -m pip install -q --no-build-isolation -e ".[dev]"
 	touch $@
 
@@ -30,12 +30,31 @@ test-kernels: install
 	RED_KERNELS_EXPECT_EXTENSION=1 $(PY) -m pytest tests -q -p no:cacheprovider
 
 test-triton: install
+	TRITON_INTERPRET=1 $(PY) scripts/check_triton_interpreter.py  # fails fast where the interpreter cannot loop
 	TRITON_INTERPRET=1 $(PY) -m pytest tests -q -p no:cacheprovider -k triton -m "not gpu"
 
 # The CUDA kernels' own source on the CPU (csrc/simt): the GPU test matrix under ASan + UBSan, a TSan subset,
 # and the planted bugs. Part of `make test` (test-kernels); this target runs it alone.
 test-simt: install
 	$(PY) -m pytest tests/test_simt.py -q -p no:cacheprovider
+
+# TRL 1.12's own PPOTrainer with red_kernels.hf.get_reward swapped in, against the unswapped run, in a venv of
+# its own (1.12.0 is the last TRL release with a PPO trainer). It borrows the extension `make install` built in place.
+TRL_VENV := .venv-trl
+$(TRL_VENV)/.installed:
+	test -x $(TRL_VENV)/bin/python || $(PYTHON) -m venv $(TRL_VENV)
+	$(TRL_VENV)/bin/python -m pip install -q --upgrade pip
+	$(TRL_VENV)/bin/python -m pip install -q "$$($(PY) -c 'import torch; print("torch==" + torch.__version__.split("+")[0])')" "trl==1.12.0"
+	touch $@
+
+test-trl: install $(TRL_VENV)/.installed
+	PYTHONPATH=$(CURDIR) TRL_EXPERIMENTAL_SILENCE=1 $(TRL_VENV)/bin/python scripts/trl_ppo_swap.py
+
+# The metadata builds with the oldest setuptools setup.py accepts (77) and the newest, both with
+# --no-build-isolation as above; older ones are refused with a message naming the minimum.
+check-setuptools: install
+	$(PY) scripts/check_setuptools.py --torch-site "$$($(PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))')" \
+		77.0.1 newest --too-old 65.5.0 76.1.0
 
 demo: install
 	$(BIN)/red-ppo demo
@@ -56,4 +75,4 @@ wheel-check: wheel
 	$(PY) scripts/check_wheel.py dist
 
 clean:
-	rm -rf build dist *.egg-info red_kernels/*.so $(STAMP)
+	rm -rf build dist *.egg-info red_kernels/*.so $(STAMP) $(TRL_VENV)/.installed

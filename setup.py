@@ -15,7 +15,15 @@ import re
 import shutil
 import sys
 
+import setuptools
 from setuptools import setup
+
+# pyproject.toml's license is an SPDX expression (PEP 639), read from setuptools 77 on; older ones stop
+# with "project.license must be valid exactly by one definition". A --no-build-isolation build uses the
+# environment's setuptools whatever build-system.requires says, so say what is needed here.
+if tuple(int(part) for part in setuptools.__version__.split(".")[:2] if part.isdigit()) < (77, 0):
+    sys.exit(f"red-kernels needs setuptools >= 77 to build (PEP 639 license metadata), found "
+             f"{setuptools.__version__}: pip install 'setuptools>=77'")
 
 DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
 os.environ.setdefault("MAX_JOBS", "2")

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from red_kernels.head import ScoreHead
-from red_kernels.op import RedistributeOutput, _describe, _is_int, redistribute
+from red_kernels.op import RedistributeOutput, _describe, _is_int, check_strided, redistribute
 
 __all__ = ["TokenRewards", "get_reward", "get_token_rewards", "score_prefixes"]
 
@@ -198,6 +198,8 @@ def score_prefixes(
     The model's mode is left alone: call ``model.eval()`` for deterministic scores.
     """
     backbone, head = _find_parts(reward_model)
+    check_strided("input_ids", input_ids)
+    check_strided("attention_mask", attention_mask)
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise ValueError(f"input_ids: expected a 2-D integer tensor [B, T], got {_describe(input_ids)}")
     if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
@@ -221,6 +223,7 @@ def score_prefixes(
 
 
 def _check_query_responses(query_responses, pad_token_id, context_length) -> None:
+    check_strided("query_responses", query_responses)
     if not isinstance(query_responses, torch.Tensor) or query_responses.dim() != 2:
         raise ValueError(f"query_responses: expected a 2-D integer tensor [B, T], got {_describe(query_responses)}")
     if query_responses.is_floating_point() or query_responses.is_complex() or query_responses.dtype == torch.bool:
@@ -246,18 +249,23 @@ def _sequence_lengths(query_responses: torch.Tensor, pad_token_id: int, context_
     return first_pad.to(torch.int64) - 1 + context_length
 
 
-def _redistribute_query_responses(model, query_responses, pad_token_id, context_length, baseline, backend):
-    """The op's output on a TRL-style batch, its sequence lengths, and the head's output dtype.
-
-    The backbone sees exactly TRL's inputs (every pad masked); the op is told a token is
-    real when it is not a pad and lies at or before the sequence length, and always at the
-    sequence length itself, so ``rewards`` and ``last_index`` are TRL's gather.
-    """
+def _checked_parts(model, query_responses, pad_token_id, context_length) -> tuple[nn.Module, nn.Module]:
     _check_query_responses(query_responses, pad_token_id, context_length)
     backbone, head = _find_parts(model)
     if query_responses.device != head.weight.device:
         raise ValueError(f"query_responses: expected a tensor on {head.weight.device} (the model's device), "
                          f"got {_describe(query_responses)}")
+    return backbone, head
+
+
+def _redistribute_query_responses(model, query_responses, pad_token_id, context_length, baseline, backend):
+    """The op's output on a TRL-style batch under the op's own rule (0 at padding).
+
+    The backbone sees exactly TRL's inputs (every pad masked); the op is told a token is
+    real when it is not a pad and lies at or before the sequence length, and always at the
+    sequence length itself, so ``rewards`` and ``last_index`` are TRL's gather.
+    """
+    backbone, head = _checked_parts(model, query_responses, pad_token_id, context_length)
     not_pad = query_responses != pad_token_id
     hidden = _last_hidden_state(backbone, query_responses, not_pad)
     sequence_lengths = _sequence_lengths(query_responses, pad_token_id, context_length)
@@ -266,9 +274,8 @@ def _redistribute_query_responses(model, query_responses, pad_token_id, context_
     # TRL gathers at the sequence length even when it is a pad (an empty response after a
     # prompt that ends in pad), so that position is scored too.
     real = (not_pad & (positions <= end)) | (positions == end)
-    out = redistribute(hidden, head.weight, head.bias, attention_mask=real, response_start=context_length,
-                       baseline=baseline, backend=backend)
-    return out, sequence_lengths, _linear_output_dtype(hidden, head.weight)
+    return redistribute(hidden, head.weight, head.bias, attention_mask=real, response_start=context_length,
+                        baseline=baseline, backend=backend)
 
 
 def get_reward(
@@ -279,29 +286,39 @@ def get_reward(
     *,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Drop-in for TRL's and open-instruct's ``get_reward``, through the fused op.
+    """Drop-in for TRL's ``trl.experimental.utils.get_reward`` (and open-instruct's), through the fused op.
 
-    ``query_responses`` is ``[B, T]``: prompts (left-padded, ``context_length`` long) followed
-    by responses (right-padded with ``pad_token_id``). As in TRL, every token equal to
+    ``query_responses`` is ``[B, T]``: prompts (``context_length`` long) followed by
+    responses (right-padded with ``pad_token_id``). As in TRL, every token equal to
     ``pad_token_id`` is masked out of attention (so when pad == EOS, the EOS is too), and a
     row's sequence length is the index just before the first pad of its response (``T - 1``
     when there is none, ``context_length - 1`` for an empty response).
 
-    Returns ``(reward_logits, final_rewards, sequence_lengths)``:
+    Returns what TRL's helper returns, ``(reward_logits, final_rewards, sequence_lengths)``:
 
-    * ``reward_logits`` ``[B, T, 1]``: the head at every position up to the sequence length,
-      in the dtype the head's own output has (the model's dtype, or the autocast dtype).
-      Unlike TRL, padding and positions past the sequence length hold 0 rather than the head
-      applied to a masked position's hidden state (values TRL's PPO masks out, except the
-      one position right after the sequence length in its value estimates).
-    * ``final_rewards`` ``[B]``: ``reward_logits`` at the sequence length, same dtype.
+    * ``reward_logits`` ``[B, T, 1]``: the head applied at every position, padding and
+      positions past the sequence length included (TRL's PPO reads the value just before
+      the response, a pad when prompts are right-padded), in the dtype the head's own output
+      has (the model's dtype, or the autocast dtype).
+    * ``final_rewards`` ``[B]``: ``reward_logits`` at the sequence length, indexed as TRL
+      indexes it (a sequence length of -1, context length 0 with a pad first, reads position
+      ``T - 1``).
     * ``sequence_lengths`` ``[B]`` int64.
 
+    Only `score_prefixes`, `get_token_rewards` and the op itself put 0 at padding. The head's
+    sum runs in float32 (TRL's runs in the model's dtype), so values agree to rounding.
     Differentiable in the model's parameters. ``backend`` picks the op's backend.
     """
-    out, sequence_lengths, dtype = _redistribute_query_responses(
-        model, query_responses, pad_token_id, context_length, "prompt", backend)
-    return out.scores.unsqueeze(-1).to(dtype), out.rewards.to(dtype), sequence_lengths
+    backbone, head = _checked_parts(model, query_responses, pad_token_id, context_length)
+    hidden = _last_hidden_state(backbone, query_responses, query_responses != pad_token_id)
+    # Every position is scored, as TRL's head scores every position.
+    everywhere = torch.ones(query_responses.shape, dtype=torch.bool, device=query_responses.device)
+    out = redistribute(hidden, head.weight, head.bias, attention_mask=everywhere, response_start=context_length,
+                       backend=backend)
+    reward_logits = out.scores.to(_linear_output_dtype(hidden, head.weight)).unsqueeze(-1)
+    sequence_lengths = _sequence_lengths(query_responses, pad_token_id, context_length)
+    rows = torch.arange(reward_logits.shape[0], device=reward_logits.device)
+    return reward_logits, reward_logits[rows, sequence_lengths].squeeze(-1), sequence_lengths
 
 
 def get_token_rewards(
@@ -328,6 +345,5 @@ def get_token_rewards(
     ``baseline="zero"``), for left-padded prompts whose last token is real; an empty response
     has no token to reward and sums to 0.
     """
-    out, _, _ = _redistribute_query_responses(model, query_responses, pad_token_id, context_length, baseline,
-                                              backend)
+    out = _redistribute_query_responses(model, query_responses, pad_token_id, context_length, baseline, backend)
     return TokenRewards(out.token_rewards[:, context_length:], out.rewards)

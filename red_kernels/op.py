@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numbers
 import os
+import reprlib
 from typing import NamedTuple
 
 import torch
@@ -49,17 +50,47 @@ def available_backends(device: str | torch.device = "cpu") -> tuple[str, ...]:
     return tuple(usable)
 
 
+# Previews of non-tensor arguments in error messages: a few items, a few levels, one short line.
+_PREVIEW = reprlib.Repr()
+_PREVIEW.maxlevel, _PREVIEW.maxlist, _PREVIEW.maxtuple, _PREVIEW.maxdict = 3, 4, 4, 4
+_PREVIEW.maxstring, _PREVIEW.maxother = 40, 40
+PREVIEW_CHARS = 80
+
+
 def _describe(x) -> str:
+    """The type and a short preview of ``x`` for an error message (never a whole object's repr)."""
     if isinstance(x, torch.Tensor):
-        return f"a tensor of shape {list(x.shape)}, dtype {x.dtype}, on {x.device}"
-    return f"{type(x).__name__} {x!r}"
+        layout = "" if x.layout == torch.strided else f", layout {x.layout}"
+        if x.is_nested:  # its shape is ragged
+            return f"a nested tensor of {x.dim()} dimensions, dtype {x.dtype}{layout}, on {x.device}"
+        return f"a tensor of shape {list(x.shape)}, dtype {x.dtype}{layout}, on {x.device}"
+    try:
+        preview = _PREVIEW.repr(x)
+    except Exception:  # a broken __repr__ must not hide the error being reported
+        preview = "<unprintable>"
+    if len(preview) > PREVIEW_CHARS:
+        preview = preview[:PREVIEW_CHARS - 3] + "..."
+    return f"{type(x).__name__} {preview}"
 
 
 def _is_int(x) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
+def check_strided(name: str, x) -> None:
+    """TypeError unless ``x`` (when a tensor) is dense and strided: the kernels index raw strides."""
+    if isinstance(x, torch.Tensor) and (x.layout != torch.strided or x.is_nested):
+        if x.is_nested:
+            kind, fix = "a nested tensor", ".to_padded_tensor(0.0)"
+        else:
+            kind, fix = f"layout {x.layout}", ".to_dense()"
+        raise TypeError(f"{name}: expected a dense (strided) tensor, got {kind}: {_describe(x)}; call {fix} first")
+
+
 def _check_inputs(hidden, weight, bias, attention_mask, response_start, baseline, backend) -> None:
+    for name, value in (("hidden", hidden), ("weight", weight), ("bias", bias), ("attention_mask", attention_mask),
+                        ("response_start", response_start)):
+        check_strided(name, value)
     if not isinstance(hidden, torch.Tensor):
         raise TypeError(f"hidden: expected a tensor [B, T, H], got {_describe(hidden)}")
     if hidden.dim() != 3:
@@ -107,12 +138,13 @@ def _check_inputs(hidden, weight, bias, attention_mask, response_start, baseline
     for name, value in (("weight", weight), ("bias", bias), ("attention_mask", attention_mask),
                         ("response_start", response_start)):
         if isinstance(value, torch.Tensor) and value.device != device:
-            raise ValueError(f"{name}: expected a tensor on {device} (the device of hidden), got {_describe(value)}")
+            raise ValueError(f"{name} is on {value.device}, hidden on {device}: all tensors must be on one device "
+                             f"({name}: {_describe(value)})")
 
     if baseline not in BASELINES:
-        raise ValueError(f"baseline: expected one of {BASELINES}, got {baseline!r}")
+        raise ValueError(f"baseline: expected one of {BASELINES}, got {_describe(baseline)}")
     if backend != "auto" and backend not in BACKENDS:
-        raise ValueError(f"backend: expected 'auto' or one of {BACKENDS}, got {backend!r}")
+        raise ValueError(f"backend: expected 'auto' or one of {BACKENDS}, got {_describe(backend)}")
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -164,6 +196,10 @@ def redistribute(
         mask = (attention_mask != 0).contiguous().view(torch.uint8)
     if isinstance(response_start, torch.Tensor):
         start = response_start.to(torch.int64).contiguous()
+        if response_start.dtype == torch.uint64:
+            # The cast keeps the bits, so a value >= 2^63 reads negative: it lies past T, clamp it there
+            # (uint64 has no comparison kernels, and the kernels clamp the rest to [0, T]).
+            start = torch.where(start < 0, T, start)
     else:
         start = torch.full((B,), response_start, dtype=torch.int64, device=device)
     baseline_zero = baseline == "zero"

@@ -10,6 +10,16 @@ import torch
 import torch.nn.functional as F
 
 
+def _copy_with_strides(x: torch.Tensor) -> torch.Tensor:
+    """A differentiable copy of ``x`` with its strides, gaps included, so that a product runs the
+    same kernel (and rounds the same way) on the copy as on ``x`` itself."""
+    order = sorted(range(x.dim()), key=lambda d: x.stride(d), reverse=True)
+    gapped = all(x.stride(a) >= x.stride(b) * x.size(b) > 0 for a, b in zip(order, order[1:]))
+    if x.is_contiguous() or not gapped:  # clone keeps the strides of any dense layout
+        return x.clone()
+    return torch.empty_strided(x.size(), x.stride(), dtype=x.dtype, device=x.device).copy_(x)
+
+
 def redistribute_reference(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -29,7 +39,10 @@ def redistribute_reference(
     valid = attention_mask != 0
     positions = torch.arange(T, device=hidden.device)
 
-    scores = hidden.to(compute_dtype) @ weight.to(compute_dtype).reshape(-1)
+    # Padding is zeroed before the product, not only after it: the weight's gradient sums
+    # hidden over positions, and 0 * NaN there would be NaN (SPEC: padding contributes exactly 0).
+    real_hidden = _copy_with_strides(hidden.to(compute_dtype)).masked_fill_(~valid.unsqueeze(-1), 0)
+    scores = real_hidden @ weight.to(compute_dtype).reshape(-1)
     if bias is not None:
         scores = scores + bias.to(compute_dtype).reshape(())
     scores = torch.where(valid, scores, scores.new_zeros(()))

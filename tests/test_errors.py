@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -49,10 +51,26 @@ VIOLATIONS = [
     ("start-tensor-shape", dict(response_start=torch.tensor([1, 2, 3])), ValueError, ["response_start", "[2]", "[3]"]),
     ("start-tensor-float", dict(response_start=torch.tensor([1.0, 2.0])), TypeError,
      ["response_start", "torch.float32"]),
-    ("weight-device", dict(weight=meta((H,))), ValueError, ["weight", "cpu", "meta"]),
-    ("bias-device", dict(bias=meta((1,))), ValueError, ["bias", "cpu", "meta"]),
-    ("mask-device", dict(attention_mask=meta((B, T), torch.long)), ValueError, ["attention_mask", "cpu", "meta"]),
-    ("start-device", dict(response_start=meta((B,), torch.long)), ValueError, ["response_start", "cpu", "meta"]),
+    ("weight-device", dict(weight=meta((H,))), ValueError, ["weight is on meta, hidden on cpu"]),
+    ("bias-device", dict(bias=meta((1,))), ValueError, ["bias is on meta, hidden on cpu"]),
+    ("mask-device", dict(attention_mask=meta((B, T), torch.long)), ValueError,
+     ["attention_mask is on meta, hidden on cpu"]),
+    ("start-device", dict(response_start=meta((B,), torch.long)), ValueError,
+     ["response_start is on meta, hidden on cpu"]),
+    ("hidden-sparse", dict(hidden=torch.randn(B, T, H).to_sparse()), TypeError,
+     ["hidden", "dense (strided)", "torch.sparse_coo"]),
+    ("weight-sparse", dict(weight=torch.randn(H).to_sparse()), TypeError, ["weight", "torch.sparse_coo"]),
+    ("bias-sparse", dict(bias=torch.randn(1).to_sparse()), TypeError, ["bias", "torch.sparse_coo"]),
+    ("mask-sparse-coo", dict(attention_mask=torch.ones(B, T, dtype=torch.long).to_sparse()), TypeError,
+     ["attention_mask", "torch.sparse_coo"]),
+    ("mask-sparse-csr", dict(attention_mask=torch.ones(B, T).to_sparse_csr()), TypeError,
+     ["attention_mask", "torch.sparse_csr"]),
+    ("start-sparse", dict(response_start=torch.tensor([1, 2]).to_sparse()), TypeError,
+     ["response_start", "torch.sparse_coo"]),
+    ("hidden-nested", dict(hidden=torch.nested.nested_tensor([torch.randn(T, H), torch.randn(T - 1, H)])),
+     TypeError, ["hidden", "nested tensor"]),
+    ("hidden-device", dict(hidden=meta((B, T, H))), ValueError,
+     ["weight is on cpu, hidden on meta", "all tensors must be on one device"]),
     ("baseline", dict(baseline="mean"), ValueError, ["baseline", "'prompt'", "'mean'"]),
     ("backend-unknown", dict(backend="tpu"), ValueError, ["backend", "'cuda'", "'tpu'"]),
     ("backend-not-usable", dict(backend="cuda"), ValueError, ["backend", "'cuda'", "usable", "'eager'"]),
@@ -97,3 +115,34 @@ def test_direct_op_call_checks_layout() -> None:
         torch.ops.red_kernels.redistribute(hidden, torch.randn(H, dtype=torch.float64), None, mask, start, False)
     with pytest.raises(RuntimeError, match="mask: expected contiguous uint8"):
         torch.ops.red_kernels.redistribute(hidden, torch.randn(H), None, mask.long(), start, False)
+
+
+@pytest.mark.parametrize("name", ["hidden", "weight", "bias", "attention_mask", "response_start"])
+def test_messages_show_a_short_preview_not_the_whole_object(name, no_kernel_runs) -> None:
+    """A large Python list as an argument: its type and a cut preview, not a megabyte of repr."""
+    big = [[[0.5] * 512 for _ in range(256)] for _ in range(4)]
+    kwargs = {**good(), name: big}
+    hidden, weight, bias = kwargs.pop("hidden"), kwargs.pop("weight"), kwargs.pop("bias")
+    started = time.perf_counter()
+    with pytest.raises(TypeError) as raised:
+        red_kernels.redistribute(hidden, weight, bias, **kwargs)
+    elapsed = time.perf_counter() - started
+    message = str(raised.value)
+    assert message.startswith(f"{name}: ") and "list [[[0.5, 0.5, 0.5, 0.5, ...], [0.5, " in message, message
+    assert len(message) < 400 and elapsed < 0.05, (len(message), elapsed)
+
+
+def test_a_broken_repr_does_not_hide_the_error(no_kernel_runs) -> None:
+    class Broken:
+        def __repr__(self):
+            raise RuntimeError("no repr")
+
+    with pytest.raises(TypeError, match=r"hidden: expected a tensor \[B, T, H\], got Broken <"):
+        red_kernels.redistribute(Broken(), torch.randn(H), attention_mask=torch.ones(B, T), response_start=0)
+
+
+def test_long_strings_are_cut(no_kernel_runs) -> None:
+    with pytest.raises(ValueError) as raised:
+        red_kernels.redistribute(torch.randn(B, T, H), torch.randn(H), response_start=0, baseline="x" * 100_000,
+                                 attention_mask=torch.ones(B, T, dtype=torch.long))
+    assert len(str(raised.value)) < 300

@@ -24,6 +24,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from conftest import cpu_backends  # noqa: E402
+from trl.experimental.utils import get_reward as trl_get_reward  # noqa: E402
 from red_kernels.hf import get_reward, get_token_rewards, score_prefixes  # noqa: E402
 
 PAD, EOS, VOCAB, HIDDEN = 0, 1, 128, 64
@@ -162,27 +163,7 @@ def test_backbone_runs_once_keeping_only_the_last_hidden_state():
 
 
 # ---------------------------------------------------------------------------------------
-# (2) get_reward versus TRL's computation in plain transformers
-
-
-def first_true_indices(bools):
-    """Index of the first True per row, the row length when there is none (TRL's helper)."""
-    T = bools.shape[-1]
-    return torch.where(bools, torch.arange(T), T).min(dim=-1).values
-
-
-def trl_get_reward(model, query_responses, pad_token_id, context_length):
-    """TRL's get_reward semantics with plain transformers: every layer's hidden states kept,
-    the score head on the last one, gathered at the token before the response's first pad."""
-    attention_mask = query_responses != pad_token_id
-    position_ids = attention_mask.cumsum(1) - attention_mask.long()
-    backbone = getattr(model, model.base_model_prefix)
-    output = backbone(input_ids=query_responses.masked_fill(~attention_mask, 0), attention_mask=attention_mask,
-                      position_ids=position_ids, output_hidden_states=True, use_cache=False)
-    reward_logits = model.score(output.hidden_states[-1])
-    sequence_lengths = first_true_indices(query_responses[:, context_length:] == pad_token_id) - 1 + context_length
-    final = reward_logits[torch.arange(reward_logits.shape[0]), sequence_lengths].squeeze(-1)
-    return reward_logits, final, sequence_lengths
+# (2) get_reward versus TRL's own helper, trl.experimental.utils.get_reward
 
 
 CONTEXT = 4
@@ -208,32 +189,120 @@ def query_response_batch(case: str):
     return batch, pad
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", list(ROWS))
-@pytest.mark.parametrize("arch", ARCHS)
-def test_get_reward_matches_trl_semantics(arch, case, backend):
-    query_responses, pad = query_response_batch(case)
-    model = reward_model(arch, pad_token_id=pad)
-    with torch.no_grad():
-        reward_logits, final_rewards, sequence_lengths = get_reward(model, query_responses, pad, CONTEXT,
-                                                                    backend=backend)
-        ref_logits, ref_final, ref_lengths = trl_get_reward(model, query_responses, pad, CONTEXT)
+# Whole rows, T = 10 ("P" = pad, "E" = EOS): (pad is EOS, context length, rows). Each case puts
+# TRL's helper where it reads padding: TRL's PPO keeps full_value[:, context_length - 1 : -1],
+# the position before the response, which is a pad for right-padded prompts and for prompts
+# ending in EOS when pad == EOS.
+TRL_CASES = {
+    "left_padded_prompts": (False, 4, [["P", "P", 5, 6, 9, 3, 7, "E", "P", "P"],
+                                       [4, 8, 2, 9, 11, "E", "P", "P", "P", "P"],
+                                       ["P", 7, 6, 5, 8, 9, 10, 11, 12, 13]]),
+    "right_padded_prompts": (False, 4, [[5, 6, "P", "P", 9, 3, 7, "E", "P", "P"],
+                                        [4, 8, 2, "P", 11, "E", "P", "P", "P", "P"],
+                                        [7, 6, 5, 4, 8, 9, 10, 11, 12, 13]]),
+    "pad_eq_eos_prompt_ends_in_eos": (True, 4, [[5, 6, 7, "E", 9, 3, 7, "E", "E", "E"],
+                                                ["E", 8, 2, "E", 11, 12, "E", "E", "E", "E"],
+                                                [7, 6, 5, 4, 8, "E", "E", "E", "E", "E"]]),
+    "all_padding_response": (False, 4, [["P", 3, 3, 5, "P", "P", "P", "P", "P", "P"],
+                                        [3, 5, "P", "P", "P", "P", "P", "P", "P", "P"],
+                                        [6, 7, 8, 9, 10, 11, 12, 13, 14, 15]]),
+    # context_length 0 and a pad first: the sequence length is -1, which TRL's index reads as T - 1.
+    "context_0_first_token_pad": (False, 0, [["P", 5, 6, 7, 8, "P", "P", "P", "P", "P"],
+                                             [5, 6, 7, "P", "P", "P", "P", "P", "P", "P"],
+                                             ["P", "P", "P", "P", "P", "P", "P", "P", "P", "P"]]),
+    "tokens_after_first_pad": (True, 3, [[5, 6, 7, 9, "E", 7, 8, "E", 4, "E"],
+                                         [4, 8, 2, 11, 12, "E", "E", 6, 7, 8]]),
+}
 
-    assert reward_logits.shape == ref_logits.shape and reward_logits.dtype == ref_logits.dtype
+
+def trl_case(case: str):
+    pad_is_eos, context, rows = TRL_CASES[case]
+    pad = EOS if pad_is_eos else PAD
+    batch = torch.tensor([[pad if t == "P" else EOS if t == "E" else t for t in row] for row in rows])
+    return batch, pad, context
+
+
+def head_error_bound(model, query_responses, pad, dtype):
+    """What the head's own rounding allows at each position: float32 accumulation (64 ulp of
+    sum_h |h w|, as in tests/cases.py) plus, for a bfloat16 model, one bfloat16 ulp, since TRL
+    rounds its float32 sum to bfloat16 as we do, and the two sums may straddle a rounding step."""
+    real = query_responses != pad
+    backbone = getattr(model, model.base_model_prefix)
+    hidden = backbone(input_ids=query_responses.masked_fill(~real, 0), attention_mask=real,
+                      position_ids=real.cumsum(1) - real.long(), use_cache=False).last_hidden_state
+    weight = model.score.weight.reshape(-1)
+    scale = hidden.double().abs() @ weight.double().abs()
+    exact = hidden.double() @ weight.double()
+    bound = 64 * torch.finfo(torch.float32).eps * scale
+    if dtype == torch.bfloat16:
+        bound = bound + 2.0 ** (torch.floor(torch.log2(exact.abs().clamp(min=1e-30))) - 7)
+    return bound
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("case", list(TRL_CASES))
+@pytest.mark.parametrize("arch", ARCHS)
+def test_get_reward_returns_what_trl_returns_at_every_position(arch, case, dtype, backend):
+    query_responses, pad, context = trl_case(case)
+    model = reward_model(arch, pad_token_id=pad)
+    if dtype != torch.float32:
+        model = copy.deepcopy(model).to(dtype)
+    with torch.no_grad():
+        reward_logits, final_rewards, sequence_lengths = get_reward(model, query_responses, pad, context,
+                                                                    backend=backend)
+        ref_logits, ref_final, ref_lengths = trl_get_reward(model, query_responses, pad, context)
+        bound = head_error_bound(model, query_responses, pad, dtype)
+
+    assert reward_logits.shape == ref_logits.shape and reward_logits.dtype == ref_logits.dtype == dtype
     assert final_rewards.shape == ref_final.shape and final_rewards.dtype == ref_final.dtype
     assert sequence_lengths.dtype == ref_lengths.dtype == torch.int64
-    torch.testing.assert_close(sequence_lengths, ref_lengths)
-    assert_f32_close(final_rewards, ref_final, "final_rewards")
-    # Every real position up to the sequence length holds the head's value; the rest hold 0.
-    positions = torch.arange(query_responses.shape[1])
-    scored = ((query_responses != pad) | (positions == ref_lengths[:, None])) & (positions <= ref_lengths[:, None])
-    assert_f32_close(reward_logits[..., 0], torch.where(scored, ref_logits[..., 0], 0.0), "reward_logits")
+    torch.testing.assert_close(sequence_lengths, ref_lengths, rtol=0, atol=0)
+    # Every position, padding and past the sequence end included: TRL has the head there, so do we.
+    error = (reward_logits[..., 0].double() - ref_logits[..., 0].double()).abs()
+    bad = ~(error <= bound)  # NaN never passes
+    assert not bad.any(), (f"reward_logits differ from TRL's at {bad.nonzero().tolist()}: "
+                           f"{reward_logits[..., 0][bad].tolist()} vs {ref_logits[..., 0][bad].tolist()}")
+    rows = torch.arange(len(ref_lengths))
+    # final_rewards is reward_logits at TRL's index (sequence length -1 reads position T - 1).
+    torch.testing.assert_close(final_rewards, reward_logits[rows, ref_lengths, 0], rtol=0, atol=0)
+    assert ((final_rewards.double() - ref_final.double()).abs() <= bound[rows, ref_lengths]).all()
 
-    if case != "pad_eq_eos_untruncated":  # the model's own pooling (rightmost non-pad) agrees here
-        mask = (query_responses != pad).long()
+
+def test_trl_cases_read_padding_where_the_old_rule_put_zero():
+    """The cases above are live: each has positions the op's own rule zeroes (padding, or past the
+    sequence end) at which TRL's helper has a nonzero head value (at left padding Llama's hidden
+    state is 0, so there both are 0), and the context-0 case has a sequence length of -1."""
+    for case in TRL_CASES:
+        query_responses, pad, context = trl_case(case)
         with torch.no_grad():
-            pooled = model(input_ids=query_responses, attention_mask=mask, position_ids=mask.cumsum(1) - mask).logits
-        assert_f32_close(final_rewards, pooled[:, 0], "final_rewards versus the model's own pooled logits")
+            ref_logits, _, ref_lengths = trl_get_reward(reward_model("llama", pad_token_id=pad), query_responses,
+                                                        pad, context)
+        positions = torch.arange(query_responses.shape[1])
+        zeroed = (query_responses == pad) | (positions > ref_lengths[:, None])
+        assert (ref_logits[..., 0][zeroed] != 0).any(), case
+        if case in ("right_padded_prompts", "pad_eq_eos_prompt_ends_in_eos"):  # what TRL's PPO reads
+            before_response = query_responses[:, context - 1] == pad
+            assert before_response.any() and (ref_logits[before_response, context - 1, 0] != 0).all(), case
+    assert (trl_case("context_0_first_token_pad")[0][:, 0] == PAD).any()
+    with torch.no_grad():
+        lengths = trl_get_reward(reward_model("llama"), *trl_case("context_0_first_token_pad"))[2]
+    assert (lengths == -1).any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["pad_ne_eos", "pad_eq_eos"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_get_reward_final_rewards_match_the_models_own_pooling(arch, case, backend):
+    """Where TRL's sequence end is the last non-pad token (responses truncated after EOS),
+    final_rewards is also the model's own pooled logit, computed without TRL."""
+    query_responses, pad = query_response_batch(case)
+    model = reward_model(arch, pad_token_id=pad)
+    mask = (query_responses != pad).long()
+    with torch.no_grad():
+        _, final_rewards, _ = get_reward(model, query_responses, pad, CONTEXT, backend=backend)
+        pooled = model(input_ids=query_responses, attention_mask=mask, position_ids=mask.cumsum(1) - mask).logits
+    assert_f32_close(final_rewards, pooled[:, 0], "final_rewards versus the model's own pooled logits")
 
 
 def test_get_reward_gives_gradients_like_trl():
