@@ -67,6 +67,7 @@ $(VERL_STAMP): $(STAMP)
 	echo "$(CURDIR)" > "$$($(VERL_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/red_kernels_source.pth"
 	touch $@
 
-# The verl integration against verl itself (tests/verl is not collected where verl is not installed).
+# The verl integration against verl itself (tests/verl is not collected where verl is not installed), and the
+# alignment under the tokenizers and transformers that verl pins.
 test-verl: $(VERL_STAMP)
-	$(VERL_VENV)/bin/python -m pytest tests/verl -q -p no:cacheprovider
+	$(VERL_VENV)/bin/python -m pytest tests/verl tests/test_align.py -q -p no:cacheprovider

@@ -277,3 +277,64 @@ def test_bad_input_names_the_sample(kwargs, message):
     with pytest.raises((ValueError, TypeError), match=message):
         redistribute_across_tokenizers(args.pop("rm_scores"), args.pop("rm_spans"), args.pop("rm_text"),
                                        args.pop("response_text"), args.pop("policy_spans"), sample="s-7", **args)
+
+
+# --- the one-pass byte-level spans are the definition's --------------------------------------------------------
+@pytest.mark.parametrize("seed", range(12))
+def test_byte_level_shortcut_equals_decoding_every_prefix(seed):
+    from red_kernels.align import _byte_level_ends, _decoded_prefix_ends, _removed
+
+    tok = policy_tokenizer()
+    rng = random.Random(seed)
+    text = rng.choice(CORPUS) + " " + rng.choice(CORPUS)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    whole = [k for k in range(len(ids) + 1) if "\ufffd" not in tok.decode(ids[:k])]  # between characters
+    for at in sorted(rng.sample(whole, 3), reverse=True):  # EOS and PAD (added tokens) in the middle, at the end
+        ids.insert(at, rng.choice([tok.eos_token_id, tok.pad_token_id]))
+    remove = [tok.eos_token] if seed % 2 else []
+    decoded = tok.decode(ids)
+    fast = _byte_level_ends(tok, ids, decoded)
+    assert fast is not None
+    got_text, got = _removed(decoded, fast, remove)
+    text_slow = _removed(decoded, torch.zeros(0, dtype=torch.int64), remove)[0]
+    assert got_text == text_slow
+    assert got.tolist() == _decoded_prefix_ends(tok, ids, text_slow, remove)
+
+
+def test_undecodable_bytes_follow_the_definition():
+    from red_kernels.align import _byte_level_ends, _decoded_prefix_ends
+
+    tok = policy_tokenizer()
+    ids = tok("emoji 🙂 ok", add_special_tokens=False)["input_ids"]
+    broken = [i for i in ids if "\ufffd" in tok.decode([i])][:1] + ids  # a lone continuation byte first
+    for ids_ in (broken, ids[:-3], broken[:-3]):  # a stray byte first; cut inside the emoji; both
+        decoded = tok.decode(ids_)
+        assert "\ufffd" in decoded
+        text, spans = policy_token_spans(tok, ids_)
+        assert text == decoded
+        assert spans[:, 1].tolist()[:-1] == _decoded_prefix_ends(tok, ids_, text, [])[:-1]
+        fast = _byte_level_ends(tok, ids_, decoded)
+        assert fast is not None and fast.tolist()[:-1] == _decoded_prefix_ends(tok, ids_, text, [])[:-1]
+
+
+def test_removed_moves_positions_out_of_deleted_text():
+    from red_kernels.align import _removed
+
+    text, ends = _removed("ab<e>cd<e>", torch.tensor([0, 2, 3, 5, 6, 7, 10]), ["<e>"])
+    assert text == "abcd" and ends.tolist() == [0, 2, 2, 2, 3, 4, 4]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_byte_level_shortcut_on_random_token_soup(seed):
+    """Random ids (stray bytes, cut characters, added tokens anywhere): the shortcut is the definition."""
+    from red_kernels.align import _byte_level_ends, _decoded_prefix_ends, _removed
+
+    tok = policy_tokenizer()
+    rng = random.Random(1000 + seed)
+    ids = [rng.randrange(len(tok)) for _ in range(rng.randint(1, 60))]
+    remove = [tok.eos_token] if seed % 2 else []
+    decoded = tok.decode(ids)
+    fast = _byte_level_ends(tok, ids, decoded)
+    assert fast is not None
+    text, got = _removed(decoded, fast, remove)
+    assert got.tolist()[:-1] == _decoded_prefix_ends(tok, ids, text, remove)[:-1]
