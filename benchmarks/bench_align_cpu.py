@@ -5,7 +5,7 @@
 the RM's prefix scores are made once; the timed call is the alignment alone, one response at a time, as
 verl's reward loop makes it. The span helpers are timed too (rows ``policy_token_spans``, decoding every
 prefix of the policy's ids, and ``reward_model_token_spans``, the RM tokenizer with offsets), because a
-trainer pays them as well. One torch thread. Budget: alignment < 2 ms per response.
+trainer pays them as well. One torch thread; the load average is recorded (other processes slow every row). Budget: alignment < 2 ms per response.
 
 Time: median (20th, 80th percentile) of the per-response time over repeats of the whole 256, after one
 untimed pass. Appended to benchmarks/results/bench_align_cpu.json.
@@ -16,6 +16,7 @@ untimed pass. Appended to benchmarks/results/bench_align_cpu.json.
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import sys
 from pathlib import Path
@@ -76,6 +77,7 @@ def main() -> None:
         for s in samples:
             reward_model_token_spans(rm, s["rm_text"])
 
+    load_start = os.getloadavg()
     rows = []
     for name, fn, repeats in [("redistribute_across_tokenizers", align_all, args.repeats),
                               ("policy_token_spans", policy_spans_all, max(3, args.repeats // 2)),
@@ -88,7 +90,8 @@ def main() -> None:
               f"(p20 {per['p20_ms_per_response']:.3f}, p80 {per['p80_ms_per_response']:.3f})")
     align = rows[0]["median_ms_per_response"]
     print(f"alignment budget {BUDGET_MS} ms/response: {'met' if align < BUDGET_MS else 'MISSED'} ({align:.3f} ms)")
-    path = record("bench_align_cpu", rows, budget_ms_per_response=BUDGET_MS,
+    path = record("bench_align_cpu", rows, budget_ms_per_response=BUDGET_MS, loadavg_at_start=load_start,
+                  loadavg_at_end=os.getloadavg(),
                   tokenizers={"policy": "byte-level BPE, 320 tokens", "reward_model": "word-level + chat template"})
     print(f"appended to {path}")
 
