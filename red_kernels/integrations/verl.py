@@ -70,10 +70,14 @@ def red_settings(config) -> dict:
     return settings
 
 
-def sample_name(data: DataProto, index: int = 0) -> str:
-    """How errors name a sample: its ``uid`` where verl set one, and its row in the batch."""
+def sample_name(data: DataProto, index: int | None = None) -> str:
+    """How errors name a sample: its row in the batch (``index``, where known) and its ``uid`` where verl set
+    one. ``run_single`` sees a one-row slice, so it names the sample by uid alone."""
     uids = data.non_tensor_batch.get("uid") if data.non_tensor_batch else None
-    return f"{index} (uid {uids[index]})" if uids is not None and len(uids) > index else str(index)
+    uid = uids[index or 0] if uids is not None and len(uids) > (index or 0) else None
+    if index is None:
+        return f"uid {uid}" if uid is not None else "(no uid in non_tensor_batch)"
+    return f"{index} (uid {uid})" if uid is not None else str(index)
 
 
 # --- the scores: vLLM's /pooling token_classify, or the same answer from a Hugging Face model in-process -------

@@ -339,10 +339,10 @@ def test_vllm_answer_through_http_gives_the_in_process_rows(setup):
 
 
 @pytest.mark.parametrize("behaviour, error, message", [
-    ("http500", RuntimeError, r"sample 0 \(uid u0\): the reward model server answered HTTP 500"),
-    ("http400", RuntimeError, r"sample 0 \(uid u0\): the reward model server answered HTTP 400 .*max_model_len"),
-    ("classify_shape", ValueError, r"sample 0 \(uid u0\): the reward model's /pooling answer: expected"),
-    ("truncated", ValueError, r"sample 0 \(uid u0\): the reward model scored \d+ tokens but its tokenizer makes"),
+    ("http500", RuntimeError, r"sample uid u0: the reward model server answered HTTP 500"),
+    ("http400", RuntimeError, r"sample uid u0: the reward model server answered HTTP 400 .*max_model_len"),
+    ("classify_shape", ValueError, r"sample uid u0: the reward model's /pooling answer: expected"),
+    ("truncated", ValueError, r"sample uid u0: the reward model scored \d+ tokens but its tokenizer makes"),
 ])
 def test_server_errors_name_the_sample(setup, behaviour, error, message):
     policy, rm_tok, model, data = setup
@@ -359,7 +359,7 @@ def test_unreachable_server_names_the_sample(setup):
     policy, rm_tok, _, data = setup
     manager = REDRewardManager(verl_config(max_retries=1), policy, None, reward_router_address="127.0.0.1:1",
                                reward_model_tokenizer=rm_tok)
-    with pytest.raises(RuntimeError, match=r"sample 0 \(uid u0\): could not reach the reward model server"):
+    with pytest.raises(RuntimeError, match=r"sample uid u0: could not reach the reward model server"):
         asyncio.run(manager.run_single(data[0:1]))
 
 
@@ -373,7 +373,7 @@ def test_template_that_rewrites_the_response_is_refused_by_sample(setup):
     data = rollout_batch(policy, [("Hi", "fine", True), ("Hi", "  padded answer  ", True)])
     manager = make_manager(policy, trimming, model)
     assert len(asyncio.run(manager.run_single(data[0:1]))["reward_score"]) == valid_lengths(data)[0]
-    with pytest.raises(ValueError, match=r"sample 0 \(uid u1\): the reward model's chat template does not "
+    with pytest.raises(ValueError, match=r"sample uid u1: the reward model's chat template does not "
                                          r"reproduce the response"):
         asyncio.run(manager.run_single(data[1:2]))
 
@@ -404,3 +404,27 @@ def test_bad_settings_and_missing_tokenizer_are_named(setup):
                          scorer=HFTokenScorer(model, rm_tok))
     with pytest.raises(RuntimeError, match="only routes verl to REDRewardManager"):
         red_verl.compute_score()
+
+
+def test_one_failing_sample_fails_verls_reward_step_and_names_it(setup, monkeypatch):
+    policy, rm_tok, model, data = setup
+
+    class FailsOnU2(HFTokenScorer):
+        async def score(self, text, *, sample):
+            if "u2" in str(sample):
+                return red_verl.parse_token_classify_response({"data": [{"data": [[1.0, 2.0]]}]}, sample=sample)
+            return await super().score(text, sample=sample)
+
+    config = verl_config()
+    w = RewardLoopWorker.__new__(RewardLoopWorker)
+    w.config = config
+    w.reward_manager = REDRewardManager(config, policy, None, reward_model_tokenizer=rm_tok,
+                                        scorer=FailsOnU2(model, rm_tok))
+    manager = RewardLoopManager.__new__(RewardLoopManager)
+    manager.config, manager.reward_model_manager = config, None
+    manager.reward_manager_cls = REDRewardManager
+    manager.reward_loop_workers = [types.SimpleNamespace(compute_score_batch=types.SimpleNamespace(
+        remote=lambda chunk: asyncio.run(w.compute_score_batch(chunk))))]
+    monkeypatch.setattr("verl.experimental.reward_loop.reward_loop.ray.get", lambda refs: refs)
+    with pytest.raises(ValueError, match=r"sample uid u2: the reward model's /pooling answer: expected"):
+        manager.compute_rm_score(data)  # raises before any rm_scores exist
