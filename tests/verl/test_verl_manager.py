@@ -428,3 +428,13 @@ def test_one_failing_sample_fails_verls_reward_step_and_names_it(setup, monkeypa
     monkeypatch.setattr("verl.experimental.reward_loop.reward_loop.ray.get", lambda refs: refs)
     with pytest.raises(ValueError, match=r"sample uid u2: the reward model's /pooling answer: expected"):
         manager.compute_rm_score(data)  # raises before any rm_scores exist
+
+
+def test_hf_scorer_loads_the_reward_model_from_model_path(setup, tmp_path):
+    policy, rm_tok, model, data = setup
+    model.save_pretrained(tmp_path)
+    config = verl_config(scorer="hf")
+    config.reward.reward_model.model_path = str(tmp_path)
+    loaded = REDRewardManager(config, policy, None, reward_model_tokenizer=rm_tok)
+    assert isinstance(loaded.scorer, HFTokenScorer)
+    assert run_all(loaded, data[:2]) == run_all(make_manager(policy, rm_tok, model), data[:2])
