@@ -76,3 +76,22 @@ wheel-check: wheel
 
 clean:
 	rm -rf build dist *.egg-info red_kernels/*.so $(STAMP) $(TRL_VENV)/.installed
+
+# verl 0.9.1 with its own pins (transformers 5.5.3-5.10, tensordict <= 0.10, ray, ...) beside this project's torch,
+# in a venv of its own; red_kernels comes from this tree (a .pth file, with the extension `make install` built).
+VERL_VENV := .venv-verl
+VERL_STAMP := $(VERL_VENV)/.installed
+.PHONY: test-verl
+
+$(VERL_STAMP): $(STAMP)
+	test -x $(VERL_VENV)/bin/python || $(PYTHON) -m venv $(VERL_VENV)
+	$(VERL_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VERL_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(VERL_VENV)/bin/python -m pip install -q "verl==0.9.1" "pytest>=8"
+	echo "$(CURDIR)" > "$$($(VERL_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/red_kernels_source.pth"
+	touch $@
+
+# The verl integration against verl itself (tests/verl is not collected where verl is not installed), and the
+# alignment under the tokenizers and transformers that verl pins.
+test-verl: $(VERL_STAMP)
+	$(VERL_VENV)/bin/python -m pytest tests/verl tests/test_align.py -q -p no:cacheprovider

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from red_kernels import _library
+from red_kernels.align import CrossTokenizerRewards, redistribute_across_tokenizers
 from red_kernels.head import ScoreHead
 from red_kernels.op import BACKENDS, RedistributeOutput, available_backends, redistribute
 
@@ -16,6 +17,7 @@ __version__ = "0.1.0"
 
 __all__ = ["BACKENDS", "RedistributeOutput", "ScoreHead", "available_backends", "build_info", "redistribute",
            "__version__"]
+__all__ += ["CrossTokenizerRewards", "redistribute_across_tokenizers"]
 
 
 def build_info() -> dict:
