@@ -10,7 +10,8 @@ the cubin, and derives:
   waves       ceil(programs / (resident x 132))
   KiB/SM      bytes of hidden in flight per SM: resident blocks on an SM x bytes in flight per block
   frac        fraction of copy bandwidth by Little's law: in flight / (3.0 TB/s x 700 ns / 132 SMs),
-              capped at 1, times the wave efficiency programs / (waves x resident x 132) when more than one wave
+              capped at 1, wave by wave (blocks of equal bytes; a last, partial wave runs at the fraction
+              its own bytes in flight give)
   x floor     modelled time / (bytes moved / 3.0 TB/s) = 1 / frac, beside the target (1.25x)
 Bytes in flight per block: pipelined loops keep NUM_STAGES - 1 tiles in flight; an unpipelined one, one tile.
 What it leaves out: launch latency (~2-4 us per launch: the forward's second launch, the backward's
@@ -25,26 +26,14 @@ Usage: python benchmarks/gpu_model.py [--no-record]
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import itertools
 import math
 
 import torch
 
-H100 = {"name": "H100 SXM (model)", "sms": 132, "copy_bytes_per_s": 3.0e12, "latency_s": 700e-9,
-        "registers_per_sm": 65536, "shared_per_sm": 228 * 1024, "shared_reserved_per_block": 1024,
-        "threads_per_sm": 2048, "blocks_per_sm": 32}
+from red_kernels.triton_lowering import H100, resident_blocks
+
 FLOOR_TARGET = 1.25
-
-
-def resident_blocks(registers: int, shared_bytes: int, threads: int, gpu: dict = H100) -> int:
-    """Blocks of one kernel resident on one SM (registers are allocated per warp in units of 256)."""
-    warps = math.ceil(threads / 32)
-    per_warp = math.ceil(registers * 32 / 256) * 256
-    by_registers = gpu["registers_per_sm"] // (per_warp * warps)
-    by_shared = gpu["shared_per_sm"] // (shared_bytes + gpu["shared_reserved_per_block"])
-    by_threads = gpu["threads_per_sm"] // threads
-    return max(0, min(by_registers, by_shared, by_threads, gpu["blocks_per_sm"]))
 
 
 def model_row(name: str, registers: int, shared_bytes: int, threads: int, blocks: int,
@@ -52,13 +41,22 @@ def model_row(name: str, registers: int, shared_bytes: int, threads: int, blocks
     """The model for one kernel launch, from plain per-kernel numbers (Triton or CUDA alike)."""
     resident = resident_blocks(registers, shared_bytes, threads, gpu)
     sms = gpu["sms"]
-    waves = math.ceil(blocks / (resident * sms)) if resident else math.inf
-    per_sm = min(resident, math.ceil(blocks / sms))  # blocks an SM holds at once
-    in_flight = per_sm * threads * bytes_in_flight_per_thread
     needed = gpu["copy_bytes_per_s"] * gpu["latency_s"] / sms  # Little's law, per SM
-    fraction = min(1.0, in_flight / needed)
-    if waves > 1:
-        fraction *= blocks / (waves * resident * sms)
+    per_block = threads * bytes_in_flight_per_thread
+    if resident == 0:
+        return {"kernel": name, "registers": registers, "shared_bytes": shared_bytes, "threads": threads,
+                "programs": blocks, "resident_per_sm": 0, "waves": math.inf, "in_flight_per_sm_bytes": 0.0,
+                "needed_per_sm_bytes": needed, "fraction_of_copy": 0.0, "x_floor": math.inf}
+    # Equal blocks, wave by wave: a wave of n blocks keeps min(resident, ceil(n / SMs)) per SM in flight and
+    # runs at that fraction of the bandwidth; the last, partial wave is slower only if it has too little in flight.
+    waves = math.ceil(blocks / (resident * sms))
+    time, left = 0.0, blocks
+    for _ in range(waves):
+        n = min(left, resident * sms)
+        time += n / min(1.0, min(resident, n / sms) * per_block / needed)  # average blocks per SM
+        left -= n
+    fraction = blocks / time
+    in_flight = min(resident, blocks / sms) * per_block
     return {"kernel": name, "registers": registers, "shared_bytes": shared_bytes, "threads": threads,
             "programs": blocks, "resident_per_sm": resident, "waves": waves,
             "in_flight_per_sm_bytes": in_flight, "needed_per_sm_bytes": needed, "fraction_of_copy": fraction,
@@ -80,7 +78,7 @@ def triton_rows(B: int, T: int, H: int, dtype: torch.dtype, cache: dict) -> list
     outputs = (torch.empty(B, T), torch.empty(B), torch.empty(B, T), torch.empty(B, dtype=torch.int64))
     forward = tk.forward_launches(hidden, small["weight"], torch.empty(1), small["mask"], small["start"], False,
                                   outputs, sms)[0]
-    partial = tk.backward_partial_rows(B, T, H, True, sms)
+    partial = tk.backward_partial_rows(hidden, sms)
     backward = tk.backward_launches((torch.empty(B, T), torch.empty(B), torch.empty(B, T)), hidden, small["weight"],
                                     small["mask"], small["start"], small["start"], False, (True, True, True),
                                     (hidden, torch.empty(partial, H), torch.empty(partial)), sms)[0]

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-_TILE = 4096  # elements of hidden per [BLOCK_T, BLOCK_H] tile on the 16-byte-aligned path
+_TILE_BYTES = 8192  # bytes of hidden per [BLOCK_T, BLOCK_H] tile on the 16-byte-aligned path
 # Scalar loads (unaligned rows or H % 8 != 0): smaller tiles, and a shallower backward pipeline,
 # keep those variants out of spills (bf16 backward at 4096 elements x 3 stages: 255 registers, 48 B of stack).
 _TILE_UNALIGNED = 1024
@@ -34,6 +34,9 @@ _NUM_STAGES_UNALIGNED_BACKWARD = 2
 _MAX_BLOCK_T = 32
 _MIN_BLOCK_T_BACKWARD = 16
 _PROGRAMS_PER_SM = 4  # forward rows are split until this many programs per SM exist (or BLOCK_T is 1)
+# Backward programs per SM: one wave of equal programs. tests/test_gpu_lowering.py checks that this
+# many fit on an SM (registers, shared memory) for every aligned variant.
+_BACKWARD_PROGRAMS_PER_SM = 3
 _NUM_STAGES = 3  # cp.async pipeline depth of the H loop (forward) and the row loop (backward)
 _MAX_SCAN_BLOCK = 1024  # positions per step of the [T] scan in _token_rewards_kernel
 # SM count used on CPU tensors (the interpreter): small, so the tests' small shapes still split
@@ -73,10 +76,10 @@ def _num_warps(tile: int) -> int:
     return 4 if tile >= 2048 else 2 if tile >= 512 else 1
 
 
-def forward_config(rows: int, H: int, aligned: bool, sms: int) -> tuple[int, int, int]:
+def forward_config(rows: int, H: int, element_size: int, aligned: bool, sms: int) -> tuple[int, int, int]:
     """BLOCK_T, BLOCK_H, num_warps of the scores kernel: BLOCK_T halves (from 32) until there are
     _PROGRAMS_PER_SM programs per SM, so small batches still fill the GPU."""
-    tile = _TILE if aligned else _TILE_UNALIGNED
+    tile = _TILE_BYTES // element_size if aligned else _TILE_UNALIGNED
     block_t = _MAX_BLOCK_T
     while block_t > 1 and triton.cdiv(rows, block_t) < _PROGRAMS_PER_SM * sms:
         block_t //= 2
@@ -84,14 +87,14 @@ def forward_config(rows: int, H: int, aligned: bool, sms: int) -> tuple[int, int
     return block_t, block_h, _num_warps(block_t * block_h)
 
 
-def backward_config(B: int, T: int, H: int, aligned: bool, sms: int) -> tuple[int, int, int, int]:
-    """BLOCK_T, BLOCK_H, num_warps of the backward, and how many runs each batch row is split into
-    so that about _PROGRAMS_PER_SM programs per SM exist."""
-    tile = _TILE if aligned else _TILE_UNALIGNED_BACKWARD
+def backward_config(B: int, T: int, H: int, element_size: int, aligned: bool, sms: int) -> tuple[int, int, int, int]:
+    """BLOCK_T, BLOCK_H, num_warps of the backward, and how many runs each batch row is split into:
+    as many as keep B x runs x H tiles within one wave of _BACKWARD_PROGRAMS_PER_SM programs per SM."""
+    tile = _TILE_BYTES // element_size if aligned else _TILE_UNALIGNED_BACKWARD
     block_t = _MIN_BLOCK_T_BACKWARD
     block_h = min(triton.next_power_of_2(H), tile // block_t)
     h_tiles = triton.cdiv(H, block_h)
-    runs = max(1, min(triton.cdiv(T, block_t), triton.cdiv(_PROGRAMS_PER_SM * sms, h_tiles * max(B, 1))))
+    runs = max(1, min(triton.cdiv(T, block_t), _BACKWARD_PROGRAMS_PER_SM * sms // (h_tiles * max(B, 1))))
     return block_t, block_h, _num_warps(block_t * block_h), runs
 
 
@@ -181,7 +184,7 @@ def forward_launches(hidden, weight, bias, mask, start, baseline_zero, outputs, 
     token_rewards, last_index)."""
     B, T, H = hidden.shape
     scores, rewards, token_rewards, last_index = outputs
-    block_t, block_h, num_warps = forward_config(B * T, H, is_aligned(hidden), sms)
+    block_t, block_h, num_warps = forward_config(B * T, H, hidden.element_size(), is_aligned(hidden), sms)
     scan_block = min(triton.next_power_of_2(T), _MAX_SCAN_BLOCK)
     return [
         Launch(_scores_kernel, (triton.cdiv(B * T, block_t),),
@@ -269,16 +272,17 @@ def _backward_kernel(
             tl.store(partial_bias_ptr + run, tl.sum(acc_b, axis=0))
 
 
-def _backward_runs(B: int, T: int, H: int, aligned: bool, sms: int) -> tuple[int, int]:
+def _backward_runs(B: int, T: int, H: int, element_size: int, aligned: bool, sms: int) -> tuple[int, int]:
     """Runs per batch row and rows per run: each program takes one run of one batch row."""
-    block_t, block_h, _, runs = backward_config(B, T, H, aligned, sms)
+    block_t, block_h, _, runs = backward_config(B, T, H, element_size, aligned, sms)
     rows_per_run = triton.cdiv(triton.cdiv(T, block_t), runs) * block_t
     return triton.cdiv(T, rows_per_run), rows_per_run
 
 
-def backward_partial_rows(B: int, T: int, H: int, aligned: bool, sms: int) -> int:
-    """Rows of the float32 partial sums the backward writes: B x runs per batch row."""
-    return B * _backward_runs(B, T, H, aligned, sms)[0]
+def backward_partial_rows(hidden: torch.Tensor, sms: int) -> int:
+    """Rows of the float32 partial sums the backward writes for ``hidden``: B x runs per batch row."""
+    B, T, H = hidden.shape
+    return B * _backward_runs(B, T, H, hidden.element_size(), is_aligned(hidden), sms)[0]
 
 
 def backward_launches(grads, hidden, weight, mask, start, last_index, baseline_zero, output_mask, outputs,
@@ -291,8 +295,8 @@ def backward_launches(grads, hidden, weight, mask, start, last_index, baseline_z
     if B == 0 or not (need_hidden or need_weight or need_bias):
         return []
     aligned = is_aligned(hidden)
-    block_t, block_h, num_warps, _ = backward_config(B, T, H, aligned, sms)
-    runs_per_row, rows_per_run = _backward_runs(B, T, H, aligned, sms)
+    block_t, block_h, num_warps, _ = backward_config(B, T, H, hidden.element_size(), aligned, sms)
+    runs_per_row, rows_per_run = _backward_runs(B, T, H, hidden.element_size(), aligned, sms)
     h_tiles = triton.cdiv(H, block_h) if need_hidden or need_weight else 1
     return [Launch(_backward_kernel, (B * runs_per_row, h_tiles),
                    (*grads, hidden, weight, mask, start, last_index, grad_hidden, partial_weight, partial_bias,
@@ -314,7 +318,7 @@ def redistribute_backward(grad_scores, grad_rewards, grad_token_rewards, hidden,
     need = tuple(bool(flag) for flag in output_mask)
     device = hidden.device
     sms = sm_count(device)
-    runs = backward_partial_rows(B, T, H, is_aligned(hidden), sms)
+    runs = backward_partial_rows(hidden, sms)
     outputs = (torch.empty((B, T, H) if need[0] else (0,), dtype=hidden.dtype, device=device),
                torch.empty((runs, H) if need[1] else (0,), dtype=torch.float32, device=device),
                torch.empty((runs,) if need[2] else (0,), dtype=torch.float32, device=device))

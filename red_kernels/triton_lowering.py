@@ -22,6 +22,25 @@ _INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);")
 _BRANCH = re.compile(r"\bBRA(?:\.\S+)?\s+(?:!?U?P\w+,\s*)?(0x[0-9a-f]+)")
 
 
+# The GPU the model and the occupancy checks assume (H100 SXM).
+H100 = {"name": "H100 SXM (model)", "sms": 132, "copy_bytes_per_s": 3.0e12, "latency_s": 700e-9,
+        "registers_per_sm": 65536, "shared_per_sm": 228 * 1024, "shared_reserved_per_block": 1024,
+        "threads_per_sm": 2048, "blocks_per_sm": 32}
+
+
+def resident_blocks(registers: int, shared_bytes: int, threads: int, gpu: dict = H100) -> int:
+    """Blocks of one kernel resident on one SM: min over registers (allocated per warp in units of 256),
+    shared memory (plus the per-block reservation), threads and the block limit."""
+    import math
+
+    warps = math.ceil(threads / 32)
+    per_warp = math.ceil(registers * 32 / 256) * 256
+    by_registers = gpu["registers_per_sm"] // (per_warp * warps)
+    by_shared = gpu["shared_per_sm"] // (shared_bytes + gpu["shared_reserved_per_block"])
+    by_threads = gpu["threads_per_sm"] // threads
+    return max(0, min(by_registers, by_shared, by_threads, gpu["blocks_per_sm"]))
+
+
 @dataclasses.dataclass
 class Lowered:
     name: str
@@ -33,6 +52,9 @@ class Lowered:
     ptx: str
     sass: str
     loop: list[str]  # SASS instructions of the innermost backward-branching loop with the most instructions
+
+    def resident_per_sm(self, gpu: dict = H100) -> int:
+        return resident_blocks(self.registers, self.shared_bytes, 32 * self.num_warps, gpu)
 
     @property
     def spills(self) -> bool:
@@ -75,7 +97,8 @@ def _bind(launch, backend):
     return kernel._pack_args(backend, kwargs, bound, specialization, options)
 
 
-def compile_launch(launch, arch: int = 90) -> Lowered:
+def compile_launch(launch, arch: int = 90, **extra_options) -> Lowered:
+    """``launch`` compiled for sm_``arch``; ``extra_options`` go to triton.compile (e.g. maxnreg)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
 
@@ -83,7 +106,7 @@ def compile_launch(launch, arch: int = 90) -> Lowered:
     backend = make_backend(target)
     options, signature, constexprs, attrs = _bind(launch, backend)
     compiled = triton.compile(ASTSource(launch.kernel, signature, constexprs, attrs), target=target,
-                              options=options.__dict__)
+                              options={**options.__dict__, **extra_options})
     with tempfile.TemporaryDirectory() as scratch:
         path = os.path.join(scratch, "kernel.cubin")
         with open(path, "wb") as handle:
