@@ -4,9 +4,9 @@ Forward: `_scores_kernel` reads every real hidden row once and writes the scores
 `_token_rewards_kernel` then walks each row's [T] scores for the previous-score difference,
 the last real index and the reward, so a block boundary never needs a second read of hidden.
 Backward: in `_backward_kernel` each program owns one H tile and a run of positions of one batch
-row (runs sized so about 4 programs per SM exist), loads its weight tile once, reads hidden once, writes grad_hidden, and keeps
-grad_weight in a [BLOCK_T, BLOCK_H] float32 accumulator that it reduces once, into one row of a
-small [programs along rows, H] partial; the partials are summed in a fixed order.
+row (runs sized for one wave of 3 programs per SM), loads its weight tile once, reads hidden once,
+writes grad_hidden, and keeps grad_weight in a [BLOCK_T, BLOCK_H] float32 accumulator that it
+reduces once, into one row of a small [B x runs, H] partial; the partials are summed in a fixed order.
 
 The forward indexes the B*T rows flat, so T = 1 or a T that is not a multiple of BLOCK_T wastes no
 program. Launch geometry comes from `forward_launches` / `backward_launches`, which the host
@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 _TILE_BYTES = 8192  # bytes of hidden per [BLOCK_T, BLOCK_H] tile on the 16-byte-aligned path
-# Scalar loads (unaligned rows or H % 8 != 0): smaller tiles, and a shallower backward pipeline,
+# Scalar loads (rows not known 16-byte aligned, or H % 16 != 0): smaller tiles, and a shallower backward pipeline,
 # keep those variants out of spills (bf16 backward at 4096 elements x 3 stages: 255 registers, 48 B of stack).
 _TILE_UNALIGNED = 1024
 _TILE_UNALIGNED_BACKWARD = 512
@@ -66,10 +66,11 @@ def sm_count(device: torch.device) -> int:
 
 
 def is_aligned(tensor: torch.Tensor) -> bool:
-    """Whether rows of ``tensor`` (unit inner stride) start on 16 bytes: the vectorised variant."""
-    per_16_bytes = 16 // tensor.element_size()
-    return (tensor.data_ptr() % 16 == 0 and tensor.shape[-1] % per_16_bytes == 0
-            and all(s % per_16_bytes == 0 for s in tensor.stride()[:-1]))
+    """Whether the JIT will know ``tensor``'s rows are 16-byte aligned and H a multiple of the vector:
+    it marks a pointer divisible by 16 bytes and an int divisible by 16 (elements, whatever the dtype),
+    so that is the test; every other input takes the scalar-load variant."""
+    return (tensor.data_ptr() % 16 == 0 and tensor.shape[-1] % 16 == 0
+            and all(s % 16 == 0 for s in tensor.stride()[:-1]))
 
 
 def _num_warps(tile: int) -> int:

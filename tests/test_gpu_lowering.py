@@ -29,9 +29,10 @@ H100_SMS = 132
 REGISTER_CAP = 168
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
 # (B, T, H, element offset of hidden's start): BLOCK_T 32, 8 and 1 from the row count; T = 1; H = 1;
-# H % 8 != 0; a misaligned start.
+# H % 16 != 0 (4095; 4104 is a multiple of 8 only, which the JIT does not see as aligned); a misaligned start.
 SHAPES = {"B32-T4096-H4096": (32, 4096, 4096, 0), "B8-T1024-H4096": (8, 1024, 4096, 0),
           "B1-T1-H4096": (1, 1, 4096, 0), "B4-T63-H1": (4, 63, 1, 0), "B8-T1024-H4095": (8, 1024, 4095, 0),
+          "B8-T1024-H4104": (8, 1024, 4104, 0),
           "B8-T1024-H2048-offset1": (8, 1024, 2048, 1)}
 
 
@@ -68,7 +69,7 @@ def _backward(shape: str, dtype: str, need: tuple, arch: int = 90):
 
 def _aligned(shape: str) -> bool:
     B, T, H, offset = SHAPES[shape]
-    return offset == 0 and H % 8 == 0
+    return offset == 0 and H % 16 == 0
 
 
 def _check_common(lowered, where: str) -> None:
