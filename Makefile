@@ -10,7 +10,7 @@ TORCH_SPEC := $(shell grep -qs 'torch<=2.14.1' /etc/xdg/pip/constraints.txt && e
 SOURCES := pyproject.toml setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h)
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-kernels test-triton test-simt test-trl check-setuptools demo bench wheel wheel-check clean
+.PHONY: install test test-kernels test-triton test-simt test-trl check-setuptools test-gpu demo bench wheel wheel-check clean
 
 install: $(STAMP)
 
@@ -55,6 +55,29 @@ test-trl: install $(TRL_VENV)/.installed
 check-setuptools: install
 	$(PY) scripts/check_setuptools.py --torch-site "$$($(PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))')" \
 		77.0.1 newest --too-old 65.5.0 76.1.0
+
+# On a GPU machine, with its own python3 (torch, triton, pytest there; no venv, no pip): build the
+# extension in place for sm_90, run the GPU tests, the CUDA tests again under compute-sanitizer's
+# memcheck, racecheck and synccheck when it is on PATH, the GPU benchmark, then red-kernels-check.
+# Sized for one 10-minute run on an H100 (each sanitizer pass is capped at SANITIZE_TIMEOUT seconds).
+GPU_PYTHON ?= python3
+SANITIZE_TIMEOUT ?= 80
+GPU_ENV := PYTHONPATH=$(CURDIR):$(CURDIR)/python RED_KERNELS_EXPECT_EXTENSION=1
+test-gpu:
+	TORCH_CUDA_ARCH_LIST=$${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=$${GPU_MAX_JOBS:-16} RED_KERNELS_FORCE_CUDA=1 \
+		$(GPU_PYTHON) setup.py -q build_ext --inplace
+	$(GPU_ENV) $(GPU_PYTHON) -m pytest tests -q -p no:cacheprovider -m gpu
+	if command -v compute-sanitizer >/dev/null; then \
+		for tool in memcheck racecheck synccheck; do \
+			echo "compute-sanitizer --tool $$tool"; \
+			$(GPU_ENV) timeout $(SANITIZE_TIMEOUT) compute-sanitizer --tool $$tool --error-exitcode 99 \
+				$(GPU_PYTHON) -m pytest tests/test_cuda.py -q -p no:cacheprovider -m gpu -x; rc=$$?; \
+			if [ $$rc -eq 124 ]; then echo "$$tool: stopped after $(SANITIZE_TIMEOUT) s, no error before"; \
+			elif [ $$rc -ne 0 ]; then exit $$rc; fi; \
+		done; \
+	else echo "compute-sanitizer not on PATH: sanitizer passes skipped"; fi
+	$(GPU_ENV) $(GPU_PYTHON) benchmarks/bench_op_gpu.py --B 8 32 --T 1024 --H 2048 8192
+	$(GPU_ENV) $(GPU_PYTHON) -m red_kernels.check --devices cuda:0 --bench-seconds 20
 
 demo: install
 	$(BIN)/red-ppo demo

@@ -12,7 +12,8 @@ and 80th percentiles):
 Every position is a real token (no padding) so every kernel reads all of hidden, and the inputs are
 already in the normalised form (float32 weight and bias tensor, uint8 mask, int64 start), so the
 timings hold the kernels and the call's Python overhead, not conversions.
-GB/s = bytes of hidden / median time.
+GB/s = bytes of hidden / median time. `triton 2nd launch+call us`: the whole triton call minus its
+scores kernel launched alone (the token-rewards launch plus the call's Python overhead).
 Targets (issue 3, on an H100): cuda within 1.25x of the floor; bf16 at least 3x faster than eager.
 Usage: python benchmarks/bench_op_gpu.py [--B 8 32] [--T 1024 4096] [--H 2048 4096 8192]
 """
@@ -64,6 +65,16 @@ def bench(B: int, T: int, H: int, dtype_name: str, providers: list[str]) -> dict
             result = timing(run(name))
             row[name] = {**result, "GB_per_s": gigabytes / (result["median_ms"] / 1e3),
                          "vs_floor": result["median_ms"] / row["floor_ms"]}
+    if "triton" in row:  # the scores kernel alone: what the token-rewards launch and the call's overhead add
+        from red_kernels import triton_kernels
+
+        outputs = (torch.empty(B, T, device="cuda"), torch.empty(B, device="cuda"), torch.empty(B, T, device="cuda"),
+                   torch.empty(B, device="cuda", dtype=torch.int64))
+        scores_launch = triton_kernels.forward_launches(hidden, weight, bias, mask, start, False, outputs,
+                                                        triton_kernels.sm_count(hidden.device))[0]
+        with torch.inference_mode():
+            row["triton"]["scores_kernel_ms"] = timing(scores_launch)["median_ms"]
+        row["triton"]["rest_of_call_ms"] = row["triton"]["median_ms"] - row["triton"]["scores_kernel_ms"]
     if "eager" in row:
         for name in ("cuda", "triton"):
             if name in row:
@@ -102,7 +113,7 @@ def main() -> None:
     header = f"{'B':>3} {'T':>5} {'H':>5} {'dtype':5} {'copy GB/s':>10} {'floor ms':>9}"
     for name in providers:
         header += f" {name + ' ms':>24} {'GB/s':>6}"
-    print(header + f" {'cuda/floor':>10} {'eager/cuda':>10}  targets")
+    print(header + f" {'cuda/floor':>10} {'eager/cuda':>10} {'triton 2nd launch+call us':>25}  targets")
     rows, failed = [], False
     for B, T, H, dtype_name in itertools.product(args.B, args.T, args.H, args.dtypes):
         row = bench(B, T, H, dtype_name, providers)
@@ -113,6 +124,7 @@ def main() -> None:
             line += f" {r['median_ms']:8.3f} [{r['p20_ms']:.3f},{r['p80_ms']:.3f}] {r['GB_per_s']:6.0f}"
         cuda = row.get("cuda", {})
         line += f" {cuda.get('vs_floor', float('nan')):9.2f}x {cuda.get('speedup_vs_eager', float('nan')):9.2f}x"
+        line += f" {row.get('triton', {}).get('rest_of_call_ms', float('nan')) * 1e3:25.1f}"
         met = targets_met(row)
         failed |= met is False
         line += "  " + {True: "met", False: "NOT met", None: "-"}[met]
