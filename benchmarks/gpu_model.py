@@ -20,6 +20,9 @@ partial-sum reduction), L2 hits, DRAM page effects, the stores' own traffic (the
 
 `model_row` takes plain numbers so rows for the CUDA kernels (registers and shared memory from
 `cuobjdump -res-usage`) can be added beside the Triton ones.
+The CUDA rows take registers and shared memory from the built extension's sm_90 code and the launch
+shapes from the kernels' plans (restated in cuda_forward_blocks / cuda_backward_blocks, checked against
+the harness in tests/test_simt.py).
 Usage: python benchmarks/gpu_model.py [--no-record]
 """
 
@@ -99,6 +102,65 @@ def triton_rows(B: int, T: int, H: int, dtype: torch.dtype, cache: dict) -> list
     return rows
 
 
+# The CUDA kernels' launch plans (csrc/cuda/redistribute_kernels.cuh: forward_plan, backward_plan), for
+# the model only; tests/test_simt.py checks these against the plans the harness runs.
+CUDA_THREADS, CUDA_ROWS_PER_BLOCK, CUDA_STAGES = 256, 15, 4
+CUDA_BACKWARD_BLOCKS_PER_SM, CUDA_MIN_ROWS_PER_CHUNK = 4, 16
+
+
+def cuda_forward_blocks(B: int, T: int) -> int:
+    return B * math.ceil(T / CUDA_ROWS_PER_BLOCK)
+
+
+def cuda_backward_blocks(B: int, T: int, H: int, element_size: int, sms: int) -> tuple[int, int]:
+    """(chunks, column tiles) of the backward kernel with every gradient requested."""
+    tiles = math.ceil(H / (CUDA_THREADS * (16 // element_size)))
+    target_chunks = math.ceil(sms * CUDA_BACKWARD_BLOCKS_PER_SM / tiles)
+    rows_per_chunk = max(CUDA_MIN_ROWS_PER_CHUNK, math.ceil(B * T / target_chunks))
+    return math.ceil(B * T / rows_per_chunk), tiles
+
+
+def cuda_resource_usage() -> dict[str, tuple[int, int]]:
+    """{"forward bfloat16": (registers, shared bytes), ...} for the aligned sm_90 kernels of the built
+    extension, from cuobjdump -res-usage; empty without a CUDA build or cuobjdump."""
+    import re
+    import subprocess
+
+    import os
+
+    import red_kernels
+    from red_kernels.triton_lowering import _BIN
+
+    tool = os.path.join(_BIN, "cuobjdump")  # the copy that ships with Triton
+    if not red_kernels.build_info()["cuda"] or not os.access(tool, os.X_OK):
+        return {}
+    run = subprocess.run([tool, "-res-usage", "-arch", "sm_90", red_kernels._library._C.__file__], capture_output=True,
+                         text=True)
+    usage = {}
+    for name, regs, shared in re.findall(r"Function (\S+):\s*REG:(\d+) STACK:\d+ SHARED:(\d+)", run.stdout):
+        kind = "forward" if "forward_kernel" in name else "backward" if "backward_kernel" in name else None
+        dtype = "bfloat16" if "BFloat16" in name else "float16" if "Half" in name else "float32"
+        if kind and "Lb1E" in name:  # the aligned (cp.async) instantiation
+            usage[f"{kind} {dtype}"] = (int(regs), int(shared))
+    return usage
+
+
+def cuda_rows(B: int, T: int, H: int, dtype: torch.dtype, usage: dict) -> list[dict]:
+    """The CUDA kernels: kStages - 1 = 3 16-byte copies in flight per thread, in both kernels."""
+    name = str(dtype).removeprefix("torch.")
+    element = torch.empty(0, dtype=dtype).element_size()
+    rows = []
+    chunks, tiles = cuda_backward_blocks(B, T, H, element, H100["sms"])
+    for kind, blocks in (("forward", cuda_forward_blocks(B, T)), ("backward", chunks * tiles)):
+        if f"{kind} {name}" not in usage:
+            continue
+        registers, shared = usage[f"{kind} {name}"]
+        row = model_row(f"cuda {kind}", registers, shared, CUDA_THREADS, blocks, (CUDA_STAGES - 1) * 16)
+        row.update(B=B, T=T, H=H, dtype=name)
+        rows.append(row)
+    return rows
+
+
 def print_table(rows: list[dict]) -> None:
     print(f"MODEL (not a measurement) on {H100['name']}: {H100['sms']} SMs, {H100['copy_bytes_per_s'] / 1e12:.1f} TB/s "
           f"copy, {H100['latency_s'] * 1e9:.0f} ns; needs {rows[0]['needed_per_sm_bytes'] / 1024:.1f} KiB in flight "
@@ -119,9 +181,11 @@ def main() -> None:
     parser.add_argument("--no-record", action="store_true", help="print only; do not append to results/")
     args = parser.parse_args()
     cache, rows = {}, []
+    usage = cuda_resource_usage()
     for B, T, H, dtype in itertools.product([8, 32], [1024, 4096], [2048, 4096, 8192],
                                             [torch.bfloat16, torch.float32]):
         rows.extend(triton_rows(B, T, H, dtype, cache))
+        rows.extend(cuda_rows(B, T, H, dtype, usage))
     print_table(rows)
     if not args.no_record:
         import triton

@@ -12,13 +12,18 @@ kernels' internal boundaries. ThreadSanitizer runs a subset, and planted bugs pr
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
 import red_kernels
 import simt_harness
-from cases import (Case, assert_gradients_match, assert_matches, assert_padding_never_read, forward_cases,
+from cases import (DTYPES, Case, assert_gradients_match, assert_matches, assert_padding_never_read, forward_cases,
                    layout_inputs, make_inputs, reference_gradients, upstream_gradients, weighted_loss)
+
+sys.path.insert(0, str(simt_harness.ROOT / "benchmarks"))
+import gpu_model  # noqa: E402
 
 CASES = forward_cases()
 RING_ROUND = {"f32": 32 * 4, "bf16": 32 * 8, "f16": 32 * 8}  # elements one warp's ring round moves
@@ -136,6 +141,10 @@ def test_gradients_across_chunks(sms: int, rows: int, H: int, dtype: str, chunks
     with simt_harness.as_cpu_kernel("asan", forward_by_reference=True, sm_count=sms):
         assert_gradients_match(case, "cpu")
     assert simt_harness.LAST_BACKWARD_PLAN["chunks"] == chunks
+    # benchmarks/gpu_model.py restates the plan for its CUDA rows: it must agree with what runs.
+    element = torch.empty(0, dtype=DTYPES[dtype]).element_size()
+    assert gpu_model.cuda_backward_blocks(1, rows, H, element, sms) == (chunks,
+                                                                        simt_harness.LAST_BACKWARD_PLAN["column_tiles"])
 
 
 def _backward_args(case: Case):
