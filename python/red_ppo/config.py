@@ -69,9 +69,12 @@ class ModelConfig:
     reference: ModelSource | None = doc(None, "The frozen reference policy; null: a frozen copy of the initial policy.")
     reward_model: ModelSource = doc(ModelSource(), "The frozen reward model, an AutoModelForSequenceClassification "
                                                    "with num_labels=1.")
-    critic_init: Literal["reward_model", "policy"] = doc(
-        "reward_model", "Initialise the critic's backbone and value head from the reward model, "
-                        "or the backbone from the policy with a fresh value head.")
+    critic_init: Literal["reward_model_zero_head", "reward_model", "policy"] = doc(
+        "reward_model_zero_head",
+        "The critic's start: 'reward_model_zero_head', the reward model's backbone with a value head of zeros "
+        "(V = 0 everywhere at step 0); 'reward_model', backbone and head of the reward model (V_t = the RM's "
+        "score of the prefix before token t, which makes sparse PPO's step-0 TD errors equal RED's token "
+        "rewards: the two modes start equivalent); 'policy', the policy's backbone with a head of zeros.")
     dtype: Literal["float32", "bfloat16", "float16"] = doc("float32", "Dtype of all four models.")
     attn_implementation: str | None = doc("sdpa", "attn_implementation passed to transformers (null: its default).")
 
@@ -113,10 +116,13 @@ class RewardConfig:
     adaptive_kl: bool = doc(False, "Adapt kl_coef toward target_kl (Ziegler et al. 2019).")
     target_kl: float = doc(6.0, "Target sequence KL of the adaptive controller (nats per response).")
     kl_horizon: int = doc(10000, "Horizon of the adaptive controller, in samples.")
-    clip: float | None = doc(None, "Clip reward-model rewards (per token) to [-clip, clip] before the KL penalty "
-                                   "(null: off).")
+    clip: float | None = doc(None, "Clip the reward model's scores to [-clip, clip] before the KL penalty and "
+                                   "missing_eos_penalty (null: off). Sparse: the sequence score; RED: every prefix "
+                                   "score before redistribution, so the token rewards still sum to the clipped "
+                                   "sequence score minus the clipped baseline.")
     whiten: bool = doc(False, "Whiten the final per-token rewards over the batch, keeping their mean (as TRL).")
-    missing_eos_penalty: float | None = doc(None, "Subtract this from the score of responses without EOS (null: off).")
+    missing_eos_penalty: float | None = doc(None, "Subtract this from the reward of responses without EOS, on "
+                                                  "their last token, after reward.clip (null: off).")
     backend: str = doc("auto", "redistribute backend: auto | eager | cpu | triton | cuda.")
 
 
@@ -124,7 +130,8 @@ class RewardConfig:
 class PPOConfig:
     epochs: int = doc(4, "PPO epochs over each rollout batch.")
     minibatch_size: int = doc(16, "Rows per optimiser step; must divide rollout.batch_size.")
-    grad_accum_steps: int = doc(1, "Micro-batches per minibatch; must divide minibatch_size.")
+    grad_accum_steps: int = doc(1, "Micro-batches per minibatch; must divide minibatch_size. Losses are "
+                                   "normalised by the minibatch's token count, so this does not change the gradient.")
     gamma: float = doc(1.0, "Discount factor, in [0, 1].")
     lam: float = doc(0.95, "GAE lambda, in [0, 1].")
     clip_range: float = doc(0.2, "Policy ratio clip epsilon (> 0).")

@@ -40,6 +40,18 @@ class Rollout:
         return Rollout(self.input_ids[index], self.attention_mask[index], self.prompt_width, self.response_mask[index])
 
 
+def reward_model_mask(rollout: Rollout, pad_id: int) -> torch.Tensor:
+    """The attention mask [B, P + R] under which the reward model scores a rollout: response tokens from
+    the first pad id on are left out, so the sequence score is read at the last response token before
+    the first pad, where a Hugging Face ``*ForSequenceClassification`` model (and TRL's and
+    red_kernels' ``get_reward``) reads it. With a distinct pad id that is the EOS itself; with
+    pad == EOS it is the token before the EOS, as the reward model was trained to score it."""
+    responses = rollout.responses
+    before_pad = torch.cumsum((responses == pad_id).long(), dim=1) == 0
+    scored = rollout.response_mask.bool() & before_pad
+    return torch.cat([rollout.attention_mask[:, : rollout.prompt_width], scored.long()], dim=1)
+
+
 def left_pad(sequences: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Token lists -> (ids [B, P], mask [B, P]), padded on the left."""
     if any(len(s) == 0 for s in sequences):
