@@ -10,7 +10,7 @@ TORCH_SPEC := $(shell grep -qs 'torch<=2.14.1' /etc/xdg/pip/constraints.txt && e
 SOURCES := pyproject.toml setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h)
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-kernels test-triton demo bench wheel wheel-check clean
+.PHONY: install test test-kernels test-triton demo study study-quick bench wheel wheel-check clean
 
 install: $(STAMP)
 
@@ -34,6 +34,13 @@ test-triton: install
 
 demo: install
 	$(BIN)/red-ppo demo
+
+# RED's gain against the reward's token-credit fidelity (runs/study; --quick: fewer levels, seeds, steps).
+study: install
+	$(BIN)/red-ppo study
+
+study-quick: install
+	$(BIN)/red-ppo study --quick
 
 bench: install
 	$(PY) benchmarks/bench_op_cpu.py

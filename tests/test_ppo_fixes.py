@@ -45,9 +45,10 @@ def make_trainer(tmp_path, pad_is_eos=False, reward_fn=None, **sections):
                       reward_fn=reward_fn)
 
 
-def hand_rollout(trainer, rows=32, width=9, seed=0):
+def hand_rollout(trainer, rows=32, width=9, seed=0, sampled_pads=False):
     """Sampled prompts and random responses with an EOS at random places (some rows without one,
-    one row that is only an EOS), so lengths differ."""
+    one row that is only an EOS), so lengths differ; ``sampled_pads``: rows 1 and 2 hold pad ids
+    the policy sampled (a distinct pad only)."""
     g = torch.Generator().manual_seed(seed)
     prompts = trainer.sampler.next_batch(rows)
     ids, mask = left_pad(prompts, trainer.pad_id)
@@ -55,10 +56,13 @@ def hand_rollout(trainer, rows=32, width=9, seed=0):
     words = torch.tensor([i for i in range(len(trainer.tokenizer)) if i not in special])
     responses = words[torch.randint(len(words), (rows, width), generator=g)]
     ends = torch.randint(0, width + 3, (rows,), generator=g)  # >= width: no EOS
-    ends[0], ends[1] = 0, width + 1
+    ends[0], ends[1], ends[2] = 0, width + 1, width + 1
     for row, end in enumerate(ends.tolist()):
         if end < width:
             responses[row, end] = trainer.eos_id
+    if sampled_pads and trainer.pad_id != trainer.eos_id:  # inside row 1, and last in row 2 (no EOS)
+        responses[1, 3] = trainer.pad_id
+        responses[2, 3:] = torch.tensor([trainer.pad_id, words[0], trainer.pad_id] + [trainer.pad_id] * (width - 6))
     return build_rollout(ids, mask, responses, trainer.eos_id, trainer.pad_id)
 
 
@@ -111,7 +115,7 @@ def test_step0_sparse_td_errors_equal_red_rewards_only_under_the_reward_model_cr
 @pytest.mark.parametrize("pad_is_eos", [False, True], ids=["distinct-pad", "pad-is-eos"])
 def test_scores_are_read_where_a_sequence_classifier_reads_them(tmp_path, pad_is_eos):
     trainer = make_trainer(tmp_path, pad_is_eos)
-    rollout = hand_rollout(trainer)
+    rollout = hand_rollout(trainer, sampled_pads=True)
     scores, token_rewards = trainer.reward_scores(rollout)
     rm = trainer.reward_model
     assert rm.config.pad_token_id == trainer.pad_id
@@ -124,8 +128,12 @@ def test_scores_are_read_where_a_sequence_classifier_reads_them(tmp_path, pad_is
     ends_with_eos = rollout.responses[torch.arange(len(lengths)), (lengths - 1).clamp(min=0)] == trainer.eos_id
     mask = reward_model_mask(rollout, trainer.pad_id)
     scored = mask[:, P:].sum(1)
-    # pad == EOS: the EOS is not scored; a distinct pad: it is.
-    assert torch.equal(scored, lengths - (ends_with_eos.long() if pad_is_eos else 0))
+    # pad == EOS: the EOS is not scored; a distinct pad: it is, and so is a pad sampled inside a response.
+    expected_scored = lengths - (ends_with_eos.long() if pad_is_eos else 0)
+    if not pad_is_eos:
+        assert lengths[1] == 9 and lengths[2] == 9
+        expected_scored[2] = 5  # trailing sampled pads are not scored
+    assert torch.equal(scored, expected_scored)
     with torch.no_grad():
         prompt_scores = rm(input_ids=rollout.input_ids[:, :P], attention_mask=rollout.attention_mask[:, :P],
                            position_ids=position_ids(rollout.attention_mask[:, :P])).logits[:, 0]

@@ -41,14 +41,15 @@ class Rollout:
 
 
 def reward_model_mask(rollout: Rollout, pad_id: int) -> torch.Tensor:
-    """The attention mask [B, P + R] under which the reward model scores a rollout: response tokens from
-    the first pad id on are left out, so the sequence score is read at the last response token before
-    the first pad, where a Hugging Face ``*ForSequenceClassification`` model (and TRL's and
-    red_kernels' ``get_reward``) reads it. With a distinct pad id that is the EOS itself; with
-    pad == EOS it is the token before the EOS, as the reward model was trained to score it."""
-    responses = rollout.responses
-    before_pad = torch.cumsum((responses == pad_id).long(), dim=1) == 0
-    scored = rollout.response_mask.bool() & before_pad
+    """The attention mask [B, P + R] under which the reward model scores a rollout: response tokens
+    after the last one that is not the pad id are left out, so the sequence score is read where a
+    Hugging Face ``*ForSequenceClassification`` model reads it (the last non-pad token). With a
+    distinct pad id that is the EOS itself (a pad the policy sampled inside a response stays in);
+    with pad == EOS it is the token before the EOS, as the reward model was trained to score it."""
+    real = rollout.response_mask.bool()
+    columns = torch.arange(real.shape[1], device=real.device)
+    last = torch.where(real & (rollout.responses != pad_id), columns, -1).max(dim=1, keepdim=True).values
+    scored = real & (columns <= last)
     return torch.cat([rollout.attention_mask[:, : rollout.prompt_width], scored.long()], dim=1)
 
 
