@@ -32,6 +32,16 @@ def test_oracle_fidelity_falls_with_noise():
     assert oracle_fidelity(task, p_ids, r_ids, 3.0, seed=0) == large  # its own generator, fixed seed
 
 
+def test_demo_and_study_need_evaluations(tmp_path):
+    from red_ppo.demo import run_demo
+    from red_ppo.study import run_study
+
+    cfg = load_config(default_config_path(), [f"run.output_dir={tmp_path}", "run.eval_prompts=0"])
+    for run in (run_demo, run_study):
+        with pytest.raises(ConfigError, match="run.eval_prompts: expected at least 1 for red-ppo demo and study"):
+            run(cfg)
+
+
 def test_study_settings_are_validated():
     with pytest.raises(ConfigError, match=r"study.noise_levels: expected a list of numbers > 0, got \[0\]"):
         load_config(default_config_path(), ["study.noise_levels=[0]"])

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from red_ppo.config import Config, ModelSource, to_dict, validate
+from red_ppo.config import Config, ConfigError, ModelSource, to_dict, validate
 from red_ppo.metrics import read_metrics
 from red_ppo.pretrain import pretrain_policy, train_reward_model
 from red_ppo.stats import curve_area, paired_difference, samples_to_level
@@ -301,7 +301,15 @@ def pretrain(cfg: Config, run_dir: Path, log=print) -> tuple[dict, dict]:
     return sft, rm
 
 
+def check_evaluation(cfg: Config) -> None:
+    """The measures need held-out evaluations at the start and the end of every run."""
+    if cfg.run.eval_prompts < 1:
+        raise ConfigError(f"run.eval_prompts: expected at least 1 for red-ppo demo and study (their measures are "
+                          f"held-out evaluations), got {cfg.run.eval_prompts}")
+
+
 def run_demo(cfg: Config, log=print) -> dict:
+    check_evaluation(cfg)
     t0 = time.perf_counter()
     load_start = os.getloadavg()
     run_dir = Path(cfg.run.output_dir)

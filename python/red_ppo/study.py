@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from red_ppo.config import Config, to_dict
-from red_ppo.demo import pretrain, run_config, run_jobs, summarise
+from red_ppo.demo import check_evaluation, pretrain, run_config, run_jobs, summarise
 from red_ppo.pretrain import train_reward_model
 from red_ppo.synthetic import SyntheticTask, build_tokenizer, spearman
 
@@ -55,6 +55,7 @@ def study_settings(cfg: Config, quick: bool) -> dict:
 
 
 def run_study(cfg: Config, quick: bool = False, log=print) -> dict:
+    check_evaluation(cfg)
     t0 = time.perf_counter()
     load_start = os.getloadavg()
     settings = study_settings(cfg, quick)
