@@ -10,7 +10,7 @@ TORCH_SPEC := $(shell grep -qs 'torch<=2.14.1' /etc/xdg/pip/constraints.txt && e
 SOURCES := pyproject.toml setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h)
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-kernels test-triton test-simt test-trl check-setuptools test-gpu demo bench wheel wheel-check clean
+.PHONY: install test test-kernels test-triton test-simt test-trl check-setuptools test-gpu demo study study-quick bench wheel wheel-check clean
 
 install: $(STAMP)
 
@@ -81,6 +81,13 @@ test-gpu:
 
 demo: install
 	$(BIN)/red-ppo demo
+
+# RED's gain against the reward's token-credit fidelity (runs/study; --quick: fewer levels, seeds, steps).
+study: install
+	$(BIN)/red-ppo study
+
+study-quick: install
+	$(BIN)/red-ppo study --quick
 
 bench: install
 	$(PY) benchmarks/bench_op_cpu.py

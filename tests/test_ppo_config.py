@@ -29,7 +29,8 @@ def test_a_valid_config_loads_and_every_field_is_documented():
     text = describe(cfg)
     assert text.count("# ") >= 80 and "# \n" not in text  # every field carries its help
     demo = load_config(default_config_path())
-    assert demo.demo.seeds == [0, 1, 2] and demo.demo.modes == ["sparse", "red"]
+    assert demo.demo.oracle_seeds == [0, 1, 2] and demo.demo.learned_seeds == [0, 1, 2, 3, 4]
+    assert demo.demo.learned_arms == ["sparse", "red", "sparse-rm-critic"]
 
 
 def test_overrides_are_yaml_typed():
@@ -82,10 +83,14 @@ IMPOSSIBLE = [
     ("synthetic.rm_pairs=0", "synthetic.rm_pairs: expected an integer >= 1, got 0"),
     ("synthetic.rm_lr=0", "synthetic.rm_lr: expected a number > 0, got 0.0"),
     ("synthetic.policy_config={}", "synthetic.policy_config.model_type: expected a transformers model type"),
-    ("demo.seeds=[]", "demo.seeds: expected a non-empty list of integers >= 0, got []"),
-    ("demo.modes=[sparse, dense]", "demo.modes: expected a list of distinct modes from ['sparse', 'red'], "
-                                   "got ['sparse', 'dense']"),
-    ("demo.modes=[red, red]", "demo.modes: expected a list of distinct modes"),
+    ("demo.oracle_seeds=[1, 1]", "demo.oracle_seeds: expected a list of distinct integers >= 0, got [1, 1]"),
+    ("demo.learned_arms=[sparse, dense]", "demo.learned_arms: expected a list of distinct arms from ['sparse', "
+                                          "'red', 'sparse-rm-critic'], got ['sparse', 'dense']"),
+    ("demo.oracle_arms=[red, red]", "demo.oracle_arms: expected a list of distinct arms"),
+    ("demo.oracle_noise=-1", "demo.oracle_noise: expected a number >= 0, got -1.0"),
+    ("demo.workers=0", "demo.workers: expected an integer >= 1, got 0"),
+    ("synthetic.rm_prefix_pairs=1.5", "synthetic.rm_prefix_pairs: expected a fraction in [0, 1], got 1.5"),
+    ("synthetic.rm_edit_pairs=-0.1", "synthetic.rm_edit_pairs: expected a fraction in [0, 1], got -0.1"),
     ("model.policy.path=somewhere", "model.policy.path/model.policy.config: expected exactly one of path"),
     ("model.reward_model.config=null", "model.reward_model.path/model.reward_model.config: expected exactly one"),
     ("model.policy.config={hidden_size: 8}", "model.policy.config.model_type: expected a transformers model type "
@@ -127,11 +132,11 @@ WRONG_TYPES = [
     ("reward.baseline=mean", "reward.baseline: expected one of ['prompt', 'zero'], got str 'mean'"),
     ("reward.kl_estimator=k2", "reward.kl_estimator: expected one of ['k1', 'k3'], got str 'k2'"),
     ("optim.schedule=step", "optim.schedule: expected one of ['constant', 'linear', 'cosine'], got str 'step'"),
-    ("model.critic_init=scratch", "model.critic_init: expected one of ['reward_model', 'policy'], got str 'scratch'"),
+    ("model.critic_init=scratch", "model.critic_init: expected one of ['reward_model_zero_head', 'reward_model', 'policy'], got str 'scratch'"),
     ("optim.betas=0.9", "optim.betas: expected a list of 2 numbers, got float 0.9"),
     ("reward.clip=big", "reward.clip: expected a number, got str 'big'"),
     ("model.policy=7", "model.policy: expected a mapping, got int 7"),
-    ("demo.seeds=3", "demo.seeds: expected a list, got int 3"),
+    ("demo.learned_seeds=3", "demo.learned_seeds: expected a list, got int 3"),
     ("run=3", "run: expected a mapping, got int 3"),
 ]
 
@@ -291,3 +296,9 @@ def test_demo_config_round_trips(tmp_path):
     from red_ppo.config import to_dict
     path.write_text(yaml.safe_dump(to_dict(cfg)))
     assert load_config(path) == cfg
+
+
+def test_pair_fractions_must_not_exceed_one():
+    with pytest.raises(ConfigError, match=r"synthetic.rm_edit_pairs: expected a fraction of at most 1 - "
+                                          r"rm_prefix_pairs = 0.4, got 0.8"):
+        load_config(base=base(), overrides=["synthetic.rm_prefix_pairs=0.6", "synthetic.rm_edit_pairs=0.8"])

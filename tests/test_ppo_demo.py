@@ -66,14 +66,98 @@ TINY_POLICY = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64
                "tie_word_embeddings": True}
 
 
+def test_oracle_scores_are_the_true_prefix_credit():
+    import torch
+
+    from red_ppo.demo import OracleScores
+    from red_ppo.rollout import build_rollout, left_pad
+
+    tok, task = build_tokenizer(), SyntheticTask(verbose_after=2, proper_end=0.5, no_eos=-1.0)
+    prompts = [ids(tok, "sea calm :", special=True), ids(tok, "sky :", special=True)]
+    responses = [ids(tok, "wave wave star the . <eos> fish"), ids(tok, "cloud rain rain : the moon star")]
+    width = max(len(r) for r in responses)
+    prompt_ids, prompt_mask = left_pad(prompts, tok.pad_token_id)
+    padded = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in responses])
+    rollout = build_rollout(prompt_ids, prompt_mask, padded, tok.eos_token_id, tok.pad_token_id)
+    P = rollout.prompt_width
+    state = torch.get_rng_state()
+    scores = OracleScores(task)(rollout.input_ids, rollout.attention_mask, P)
+    assert torch.equal(torch.get_rng_state(), state)
+    for row, (prompt, response) in enumerate(zip(rollout.prompt_lists(), rollout.response_lists())):
+        credit = task.token_credit(prompt, response)
+        assert scores[row, :P].abs().sum() == 0
+        differences = torch.diff(scores[row, P:P + len(response)], prepend=torch.zeros(1))
+        assert differences.tolist() == pytest.approx(credit)
+        assert scores[row, P + len(response) - 1].item() == pytest.approx(task.score(prompt, response))
+    assert task.token_credit(prompts[0], ids(tok, "wave boat fish"))[-1] == 1.0 - 0.5 - 1.0  # verbose, no <eos>
+    assert task.token_credit(prompts[0], ids(tok, "wave boat fish"), complete=False)[-1] == 1.0 - 0.5
+    noisy = OracleScores(task, noise=3.0, seed=1)(rollout.input_ids, rollout.attention_mask, P)
+    again = OracleScores(task, noise=3.0, seed=1)(rollout.input_ids, rollout.attention_mask, P)
+    assert torch.equal(noisy, again) and not torch.equal(noisy, scores)
+    assert torch.equal(noisy[rollout.attention_mask == 0], scores[rollout.attention_mask == 0])
+
+
+def test_preference_pairs_by_kind():
+    from red_ppo.pretrain import make_pair, pair_kinds
+
+    tok, task = build_tokenizer(), SyntheticTask()
+    rng = random.Random(0)
+    kinds = pair_kinds(10, 0.3, 0.5, rng)
+    assert sorted(kinds) == ["edit"] * 5 + ["independent"] * 2 + ["prefix"] * 3
+    prompt = ids(tok, "sea :", special=True)
+    a, b = ids(tok, "wave boat the . <eos>"), ids(tok, "star <eos>")
+    for _ in range(50):
+        _, (x, x_done), (y, y_done), kind = make_pair(task, rng, "prefix", prompt, a, b, 48)
+        assert kind == "prefix" and 1 <= len(x) < len(y) <= len(a) and y == a[:len(y)] and x == a[:len(x)]
+        assert not x_done and y_done == (len(y) == len(a))
+        _, (x, x_done), (y, y_done), kind = make_pair(task, rng, "edit", prompt, a, b, 48)
+        assert kind == "edit" and x == a and x_done and y_done and y[-1] == tok.eos_token_id
+        assert abs(len(y) - len(a)) <= 1 and y != a
+    assert make_pair(task, rng, "independent", prompt, a, b, 48)[1:] == ((a, True), (b, True), "independent")
+    assert make_pair(task, rng, "prefix", prompt, [tok.eos_token_id], b, 48)[3] == "independent"
+
+
+def test_curve_measures_and_the_bootstrap_by_hand():
+    import itertools
+
+    import numpy as np
+
+    from red_ppo.stats import bootstrap_mean_interval, curve_area, paired_difference, samples_to_level
+
+    # gains 0, 1, 3 over samples 0, 10, 20: trapezoids 5 + 20, over 20 samples
+    assert curve_area([0, 10, 20], [1.0, 2.0, 4.0], start=1.0) == pytest.approx(1.25)
+    with pytest.raises(ValueError, match="samples: expected at least two increasing points"):
+        curve_area([0, 0], [1.0, 2.0], 0.0)
+    assert samples_to_level([0, 10, 20], [1.0, 2.0, 4.0], 2.0) == 10.0
+    assert samples_to_level([0, 10, 20], [1.0, 2.0, 4.0], 5.0) is None
+    assert bootstrap_mean_interval([2.0, 2.0, 2.0]) == (2.0, 2.0, 2.0)
+    # two values: resampled means are 0, 5, 10 with probabilities 1/4, 1/2, 1/4
+    assert bootstrap_mean_interval([0.0, 10.0], resamples=4000, seed=3) == (5.0, 0.0, 10.0)
+    # four values: the interval lies between the exact 2nd-3rd and 97th-98th percentiles of all 256 resamples
+    values = [0.0, 1.0, 3.0, 7.0]
+    exact = np.sort([np.mean(c) for c in itertools.product(values, repeat=4)])
+    mean, low, high = bootstrap_mean_interval(values, resamples=20000, seed=0)
+    assert mean == 2.75
+    assert np.quantile(exact, 0.02) <= low <= np.quantile(exact, 0.03)
+    assert np.quantile(exact, 0.97) <= high <= np.quantile(exact, 0.98)
+    d = paired_difference({0: 1.0, 1: 2.0, 2: 3.0, 5: 9.0}, {0: 0.0, 1: 3.0, 2: 1.0})
+    assert d["seeds"] == [0, 1, 2] and d["differences"] == [1.0, -1.0, 2.0] and d["mean"] == pytest.approx(2 / 3)
+    assert (d["positive"], d["negative"], d["ties"], d["n"]) == (2, 1, 0, 3)
+    assert d["ci95"][0] <= d["mean"] <= d["ci95"][1]
+
+
+TINY_DEMO = ["run.total_steps=2", "run.eval_every=1", "run.eval_prompts=8", "run.progress=false",
+             "rollout.batch_size=8", "rollout.forward_batch_size=8", "ppo.minibatch_size=4",
+             "generation.max_new_tokens=6", "synthetic.sft_steps=4", "synthetic.sft_batch_size=8",
+             "synthetic.rm_pairs=16", "synthetic.rm_batch_size=8", "synthetic.heldout_responses=16",
+             "demo.bootstrap=200"]
+
+
 def test_tiny_demo_end_to_end(tmp_path):
     from red_ppo.demo import run_demo
 
-    overrides = [f"run.output_dir={tmp_path / 'demo'}", "run.total_steps=2", "run.eval_every=1",
-                 "run.eval_prompts=8", "run.progress=false", "rollout.batch_size=8", "rollout.forward_batch_size=8",
-                 "ppo.minibatch_size=4", "generation.max_new_tokens=6", "synthetic.sft_steps=4",
-                 "synthetic.sft_batch_size=8", "synthetic.rm_pairs=16", "synthetic.rm_batch_size=8",
-                 "synthetic.heldout_responses=16", "demo.seeds=[0, 1]",
+    overrides = [f"run.output_dir={tmp_path / 'demo'}", *TINY_DEMO, "demo.oracle_seeds=[0]",
+                 "demo.learned_seeds=[0, 1]", "demo.workers=2",
                  f"synthetic.policy_config={json.dumps(TINY_POLICY)}"]
     cfg = load_config(default_config_path(), overrides)
     lines = []
@@ -81,18 +165,24 @@ def test_tiny_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
     saved = json.loads((out / "summary.json").read_text())
     assert saved["table"] == summary["table"] and summary["table"] in lines
-    assert set(saved["modes"]) == {"sparse", "red"}
-    for mode in ("sparse", "red"):
-        agg = saved["modes"][mode]
-        assert agg["final_gt_score"]["n"] == 2 and math.isfinite(agg["final_rm_score"]["mean"])
-        assert len(saved["runs"][mode]) == 2
-    assert -1.0 <= saved["reward_model"]["fidelity_spearman"] <= 1.0
-    assert (out / "reward_curves.png").stat().st_size > 0
-    assert (out / "sft" / "pretrain.json").is_file() and (out / "reward_model" / "pretrain.json").is_file()
-    assert "RED token-credit fidelity" in summary["table"]
+    assert set(saved["arms"]) == {"oracle", "learned"}
+    assert set(saved["arms"]["oracle"]) == {"sparse", "red"}
+    assert set(saved["arms"]["learned"]) == {"sparse", "red", "sparse-rm-critic"}
+    for arm, entry in saved["arms"]["learned"].items():
+        assert entry["final_gt"]["n"] == 2 and math.isfinite(entry["area"]["mean"]), arm
+    run = saved["runs"]["oracle"]["red"]["0"]
+    assert run["curves"]["samples"] == [0, 8, 16] and len(run["curves"]["advantage_spearman"]) == 2
+    assert set(saved["paired"]["learned"]) == {"red - sparse", "sparse-rm-critic - sparse", "red - sparse-rm-critic"}
+    assert saved["paired"]["learned"]["red - sparse"]["area"]["n"] == 2
+    assert math.isfinite(saved["oracle_red_gain"])
+    assert (out / "reward_curves.png").stat().st_size > 0 and (out / "credit_correlation.png").stat().st_size > 0
+    assert "paired differences per seed" in summary["table"] and "RED token-credit Spearman" in summary["table"]
+    assert saved["reward_model"]["pairs"]["prefix"] + saved["reward_model"]["pairs"]["edit"] > 0
 
     # Steps 1 and 2 are cached and reused.
     again = []
-    run_demo(load_config(default_config_path(), overrides + ["demo.seeds=[0]", "demo.modes=[red]"]), log=again.append)
+    run_demo(load_config(default_config_path(), overrides + ["demo.learned_seeds=[0]", "demo.oracle_seeds=[]",
+                                                           "demo.learned_arms=[red]", "demo.workers=1"]),
+             log=again.append)
     assert any("reusing" in line and "sft" in line for line in again)
     assert any("reusing" in line and "reward_model" in line for line in again)

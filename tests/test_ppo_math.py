@@ -109,12 +109,12 @@ def test_whiten_and_masked_mean_ignore_padding():
     assert kept[mask.bool()].mean().item() == pytest.approx(3.0, abs=1e-5)
 
 
-def test_shape_rewards_clips_then_subtracts_kl():
+def test_shape_rewards_subtracts_kl():
     rm = torch.tensor([[0.0, 0.0, 5.0], [-4.0, 0.0, 0.0]])
     kl = torch.tensor([[0.1, 0.2, 0.3], [0.4, 0.0, 0.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
-    out = shape_rewards(rm, kl, mask, kl_coef=0.5, clip=2.0)
-    torch.testing.assert_close(out, torch.tensor([[-0.05, -0.1, 2.0 - 0.15], [-2.0 - 0.2, 0.0, 0.0]]))
+    out = shape_rewards(rm, kl, mask, kl_coef=0.5)
+    torch.testing.assert_close(out, torch.tensor([[-0.05, -0.1, 5.0 - 0.15], [-4.0 - 0.2, 0.0, 0.0]]))
 
 
 def test_kl_controllers():

@@ -1,4 +1,4 @@
-"""The ``red-ppo`` command: ``train``, ``demo``, ``plot`` and ``config``."""
+"""The ``red-ppo`` command: ``train``, ``demo``, ``study``, ``plot`` and ``config``."""
 
 from __future__ import annotations
 
@@ -25,6 +25,13 @@ def _parser() -> argparse.ArgumentParser:
                       help="override one key, e.g. --set demo.seeds=[0,1,2,3]")
     demo.add_argument("--run-dir", default=None, help="run folder (default: run.output_dir, runs/demo)")
 
+    study = commands.add_parser("study", help="RED's gain over sparse against the reward's token-credit fidelity")
+    study.add_argument("--config", default=None, help=f"YAML file (default: {default_config_path()})")
+    study.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override one key, e.g. --set study.seeds=[0,1,2]")
+    study.add_argument("--run-dir", default="runs/study", help="run folder (default: runs/study)")
+    study.add_argument("--quick", action="store_true", help="the study.quick_* settings (under 15 minutes)")
+
     plot = commands.add_parser("plot", help="reward curves of one or more run folders")
     plot.add_argument("runs", nargs="+", metavar="RUN_DIR")
     plot.add_argument("--out", default=None, help="PNG file (default: RUN_DIR/reward_curves.png for one run, "
@@ -46,7 +53,7 @@ def _quiet_transformers() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command in ("train", "demo"):
+    if args.command in ("train", "demo", "study"):
         _quiet_transformers()
     try:
         if args.command == "train":
@@ -62,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
             from red_ppo.demo import run_demo
             overrides = list(args.overrides) + ([f"run.output_dir={args.run_dir}"] if args.run_dir else [])
             run_demo(load_config(args.config or default_config_path(), overrides))
+        elif args.command == "study":
+            from red_ppo.study import run_study
+            overrides = list(args.overrides) + [f"run.output_dir={args.run_dir}"]
+            run_study(load_config(args.config or default_config_path(), overrides), quick=args.quick)
         elif args.command == "plot":
             from red_ppo.plot import plot_runs
             missing = [r for r in args.runs if not (Path(r) / "metrics.jsonl").is_file()]

@@ -69,9 +69,12 @@ class ModelConfig:
     reference: ModelSource | None = doc(None, "The frozen reference policy; null: a frozen copy of the initial policy.")
     reward_model: ModelSource = doc(ModelSource(), "The frozen reward model, an AutoModelForSequenceClassification "
                                                    "with num_labels=1.")
-    critic_init: Literal["reward_model", "policy"] = doc(
-        "reward_model", "Initialise the critic's backbone and value head from the reward model, "
-                        "or the backbone from the policy with a fresh value head.")
+    critic_init: Literal["reward_model_zero_head", "reward_model", "policy"] = doc(
+        "reward_model_zero_head",
+        "The critic's start: 'reward_model_zero_head', the reward model's backbone with a value head of zeros "
+        "(V = 0 everywhere at step 0); 'reward_model', backbone and head of the reward model (V_t = the RM's "
+        "score of the prefix before token t, which makes sparse PPO's step-0 TD errors equal RED's token "
+        "rewards: the two modes start equivalent); 'policy', the policy's backbone with a head of zeros.")
     dtype: Literal["float32", "bfloat16", "float16"] = doc("float32", "Dtype of all four models.")
     attn_implementation: str | None = doc("sdpa", "attn_implementation passed to transformers (null: its default).")
 
@@ -113,10 +116,13 @@ class RewardConfig:
     adaptive_kl: bool = doc(False, "Adapt kl_coef toward target_kl (Ziegler et al. 2019).")
     target_kl: float = doc(6.0, "Target sequence KL of the adaptive controller (nats per response).")
     kl_horizon: int = doc(10000, "Horizon of the adaptive controller, in samples.")
-    clip: float | None = doc(None, "Clip reward-model rewards (per token) to [-clip, clip] before the KL penalty "
-                                   "(null: off).")
+    clip: float | None = doc(None, "Clip the reward model's scores to [-clip, clip] before the KL penalty and "
+                                   "missing_eos_penalty (null: off). Sparse: the sequence score; RED: every prefix "
+                                   "score before redistribution, so the token rewards still sum to the clipped "
+                                   "sequence score minus the clipped baseline.")
     whiten: bool = doc(False, "Whiten the final per-token rewards over the batch, keeping their mean (as TRL).")
-    missing_eos_penalty: float | None = doc(None, "Subtract this from the score of responses without EOS (null: off).")
+    missing_eos_penalty: float | None = doc(None, "Subtract this from the reward of responses without EOS, on "
+                                                  "their last token, after reward.clip (null: off).")
     backend: str = doc("auto", "redistribute backend: auto | eager | cpu | triton | cuda.")
 
 
@@ -124,7 +130,8 @@ class RewardConfig:
 class PPOConfig:
     epochs: int = doc(4, "PPO epochs over each rollout batch.")
     minibatch_size: int = doc(16, "Rows per optimiser step; must divide rollout.batch_size.")
-    grad_accum_steps: int = doc(1, "Micro-batches per minibatch; must divide minibatch_size.")
+    grad_accum_steps: int = doc(1, "Micro-batches per minibatch; must divide minibatch_size. Losses are "
+                                   "normalised by the minibatch's token count, so this does not change the gradient.")
     gamma: float = doc(1.0, "Discount factor, in [0, 1].")
     lam: float = doc(0.95, "GAE lambda, in [0, 1].")
     clip_range: float = doc(0.2, "Policy ratio clip epsilon (> 0).")
@@ -149,6 +156,9 @@ class OptimConfig:
 class SyntheticConfig:
     seed: int = doc(1234, "Seed of the synthetic language, its pre-training and its reward model.")
     max_words: int = doc(12, "Longest response (in words) of the language's own samples.")
+    verbose_after: int = doc(10, "The hidden scorer's length penalty: -0.5 for every word after this many.")
+    proper_end: float = doc(2.0, "The hidden scorer's term for ending properly ('. <eos>'), on the <eos>.")
+    no_eos: float = doc(-2.0, "The hidden scorer's term for a response without <eos>, on its last token.")
     policy_config: dict = doc({"model_type": "llama", "hidden_size": 128, "intermediate_size": 256,
                                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
                                "max_position_embeddings": 64, "tie_word_embeddings": True},
@@ -157,6 +167,10 @@ class SyntheticConfig:
     sft_batch_size: int = doc(64, "Sequences per supervised step.")
     sft_lr: float = doc(3e-3, "Peak learning rate of supervised pre-training (cosine decay, 5% warmup).")
     rm_pairs: int = doc(4096, "Preference pairs for the reward model.")
+    rm_prefix_pairs: float = doc(0.0, "Fraction of the pairs that compare two prefixes of one response (labelled "
+                                      "by the truth of the prefixes, unfinished ones without the missing-EOS term).")
+    rm_edit_pairs: float = doc(0.0, "Fraction of the pairs that compare a response with a one-token edit of it "
+                                    "(a word replaced, inserted or deleted); the rest are two independent responses.")
     rm_epochs: int = doc(2, "Passes over the preference pairs.")
     rm_batch_size: int = doc(64, "Pairs per reward-model step.")
     rm_lr: float = doc(1e-3, "Peak learning rate of the reward model (cosine decay, 5% warmup).")
@@ -167,10 +181,28 @@ class SyntheticConfig:
 
 @dataclass
 class DemoConfig:
-    seeds: list = doc([0, 1, 2], "PPO seeds per mode.")
-    modes: list = doc(["sparse", "red"], "Reward modes to compare.")
-    gt_gain: float = doc(1.0, "'Steps to reach' counts PPO steps until the held-out ground-truth score first "
-                              "reaches the supervised policy's (the step-0 evaluations) plus this gain.")
+    oracle_seeds: list = doc([0, 1, 2], "PPO seeds of the oracle condition (the hidden scorer's exact prefix "
+                                        "scores through PPOTrainer's reward_fn), for each of its arms.")
+    learned_seeds: list = doc([0, 1, 2, 3, 4], "PPO seeds of the learned-reward-model condition, for each arm.")
+    oracle_arms: list = doc(["sparse", "red"], "Arms of the oracle condition (from: sparse, red, sparse-rm-critic).")
+    learned_arms: list = doc(["sparse", "red", "sparse-rm-critic"],
+                             "Arms of the learned condition. 'sparse-rm-critic' is sparse with "
+                             "model.critic_init=reward_model, step-0 equivalent to RED; the others use "
+                             "model.critic_init as configured.")
+    oracle_noise: float = doc(0.0, "Std of independent Gaussian noise added to every oracle prefix score.")
+    workers: int = doc(2, "PPO runs in parallel, one process of run.num_threads threads each.")
+    bootstrap: int = doc(10000, "Bootstrap resamples of the seeds for the paired intervals.")
+
+
+@dataclass
+class StudyConfig:
+    seeds: list = doc([0, 1, 2, 3, 4], "Paired sparse/RED seeds at every fidelity level.")
+    noise_levels: list = doc([1.0, 3.0], "Std of the Gaussian noise on every oracle prefix score, one level each.")
+    rm_pairs: list = doc([1024, 4096], "Learned reward models, one per training-set size (preference pairs).")
+    quick_seeds: list = doc([0, 1, 2], "--quick: the seeds.")
+    quick_noise_levels: list = doc([3.0], "--quick: the noise levels.")
+    quick_rm_pairs: list = doc([4096], "--quick: the reward models.")
+    quick_total_steps: int = doc(25, "--quick: PPO steps per run.")
 
 
 @dataclass
@@ -185,7 +217,8 @@ class Config:
     optim: OptimConfig = doc(OptimConfig(), "Optimisers and schedules.")
     synthetic: SyntheticConfig = doc(SyntheticConfig(), "The demo's synthetic language (data.source=synthetic, "
                                                         "tokenizer 'synthetic', red-ppo demo).")
-    demo: DemoConfig = doc(DemoConfig(), "red-ppo demo only.")
+    demo: DemoConfig = doc(DemoConfig(), "red-ppo demo (and red-ppo study: workers, bootstrap).")
+    study: StudyConfig = doc(StudyConfig(), "red-ppo study only.")
 
 
 # ---------------------------------------------------------------- loading
@@ -441,10 +474,41 @@ def _validate_synthetic(cfg: Config) -> None:
         _require(getattr(s, name) > 0, f"synthetic.{name}", "a number > 0", getattr(s, name))
     _require(isinstance(s.policy_config.get("model_type"), str), "synthetic.policy_config.model_type",
              "a transformers model type such as 'llama'", s.policy_config.get("model_type"))
-    _require(len(d.seeds) >= 1 and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in d.seeds),
-             "demo.seeds", "a non-empty list of integers >= 0", d.seeds)
-    _require(len(d.modes) >= 1 and all(x in ("sparse", "red") for x in d.modes) and len(set(d.modes)) == len(d.modes),
-             "demo.modes", "a list of distinct modes from ['sparse', 'red']", d.modes)
+    for name in ("rm_prefix_pairs", "rm_edit_pairs"):
+        _require(0 <= getattr(s, name) <= 1, f"synthetic.{name}", "a fraction in [0, 1]", getattr(s, name))
+    _require(s.rm_prefix_pairs + s.rm_edit_pairs <= 1, "synthetic.rm_edit_pairs",
+             f"a fraction of at most 1 - rm_prefix_pairs = {1 - s.rm_prefix_pairs:g}", s.rm_edit_pairs)
+    _require(s.verbose_after >= 0, "synthetic.verbose_after", "an integer >= 0", s.verbose_after)
+    for name in ("oracle_seeds", "learned_seeds"):
+        seeds = getattr(d, name)
+        _require(all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in seeds)
+                 and len(set(seeds)) == len(seeds), f"demo.{name}", "a list of distinct integers >= 0", seeds)
+    arms = ("sparse", "red", "sparse-rm-critic")
+    for name in ("oracle_arms", "learned_arms"):
+        value = getattr(d, name)
+        _require(all(x in arms for x in value) and len(set(value)) == len(value), f"demo.{name}",
+                 f"a list of distinct arms from {list(arms)}", value)
+    runs = len(d.oracle_seeds) * len(d.oracle_arms) + len(d.learned_seeds) * len(d.learned_arms)
+    _require(runs >= 1, "demo.learned_seeds", "at least one run in the oracle or the learned condition "
+             "(seeds and arms both non-empty)", d.learned_seeds)
+    _require(d.oracle_noise >= 0, "demo.oracle_noise", "a number >= 0", d.oracle_noise)
+    _require(d.workers >= 1, "demo.workers", "an integer >= 1", d.workers)
+    st = cfg.study
+    for name in ("seeds", "quick_seeds"):
+        seeds = getattr(st, name)
+        _require(len(seeds) >= 1 and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in seeds)
+                 and len(set(seeds)) == len(seeds), f"study.{name}", "a non-empty list of distinct integers >= 0",
+                 seeds)
+    for name in ("noise_levels", "quick_noise_levels"):
+        levels = getattr(st, name)
+        _require(all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in levels),
+                 f"study.{name}", "a list of numbers > 0", levels)
+    for name in ("rm_pairs", "quick_rm_pairs"):
+        sizes = getattr(st, name)
+        _require(all(isinstance(x, int) and not isinstance(x, bool) and x >= 2 for x in sizes)
+                 and len(set(sizes)) == len(sizes), f"study.{name}", "a list of distinct integers >= 2", sizes)
+    _require(st.quick_total_steps >= 1, "study.quick_total_steps", "an integer >= 1", st.quick_total_steps)
+    _require(d.bootstrap >= 100, "demo.bootstrap", "an integer >= 100", d.bootstrap)
 
 
 def describe(cfg: Any = None, indent: int = 0) -> str:

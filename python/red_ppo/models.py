@@ -158,16 +158,24 @@ class Critic(nn.Module):
         self.backbone, self.head, self.backend = backbone, head, backend
 
     @classmethod
-    def from_reward_model(cls, reward_model: nn.Module, backend: str = "auto") -> "Critic":
+    def from_reward_model(cls, reward_model: nn.Module, backend: str = "auto", zero_head: bool = False) -> "Critic":
+        """The reward model's backbone, with its score head (``zero_head=False``) or a head of zeros."""
         rm = copy.deepcopy(reward_model)
         head = getattr(rm, "score", None) or getattr(rm, "classifier", None)
         if not isinstance(head, nn.Linear) or head.out_features != 1:
             raise ConfigError(f"model.critic_init: expected a reward model with a linear nn.Linear(H, 1) score head "
                               f"to initialise the critic from, got {head!r}")
-        return cls(getattr(rm, rm.base_model_prefix), ScoreHead.from_linear(head), backend)
+        if zero_head:  # with a bias, as from_policy, whether or not the reward model's head has one
+            value_head = ScoreHead(head.in_features, device=head.weight.device, dtype=head.weight.dtype)
+            nn.init.zeros_(value_head.weight)
+            nn.init.zeros_(value_head.bias)
+        else:
+            value_head = ScoreHead.from_linear(head)
+        return cls(getattr(rm, rm.base_model_prefix), value_head, backend)
 
     @classmethod
     def from_policy(cls, policy: nn.Module, backend: str = "auto") -> "Critic":
+        """The policy's backbone with a value head of zeros (weight and bias): V = 0 everywhere at the start."""
         backbone = copy.deepcopy(getattr(policy, policy.base_model_prefix))
         head = ScoreHead(policy.config.hidden_size, device=policy.device, dtype=policy.dtype)
         nn.init.zeros_(head.weight)

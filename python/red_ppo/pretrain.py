@@ -145,6 +145,42 @@ def _response_pool(task, tokenizer, policy, rng: random.Random, count: int, max_
     return [ids for ids in tokenizer(prompts)["input_ids"]], responses
 
 
+def pair_kinds(count: int, prefix: float, edit: float, rng: random.Random) -> list[str]:
+    """``count`` pair types in a shuffled order: ``round(prefix * count)`` prefix pairs,
+    ``round(edit * count)`` minimal-edit pairs, the rest independent."""
+    n_prefix, n_edit = round(prefix * count), round(edit * count)
+    kinds = ["prefix"] * n_prefix + ["edit"] * n_edit + ["independent"] * (count - n_prefix - n_edit)
+    rng.shuffle(kinds)
+    return kinds
+
+
+def make_pair(task: SyntheticTask, rng: random.Random, kind: str, prompt: list[int], a: list[int], b: list[int],
+              max_len: int):
+    """One preference pair -> (prompt, (x, x_complete), (y, y_complete), kind made).
+
+    ``prefix``: two prefixes of ``a`` (the longer may be all of it); an unfinished prefix is scored
+    without the missing-EOS term, so the pair teaches the prefix's own credit. ``edit``: ``a`` and
+    ``a`` with one word replaced, inserted or deleted (never its <eos>). ``independent``: ``a`` and
+    ``b``. A response too short for its kind gives an independent pair."""
+    if kind == "prefix" and len(a) >= 2:
+        k1, k2 = sorted(rng.sample(range(1, len(a) + 1), 2))
+        return prompt, (a[:k1], k1 == len(a)), (a[:k2], k2 == len(a)), "prefix"
+    body = a[:-1] if a and a[-1] == task.eos_id else list(a)
+    if kind == "edit" and body:
+        words = sorted(task.topic_of_word) + sorted(task.function_ids)
+        edited = list(a)
+        action = rng.randrange(3) if len(body) > 1 else rng.randrange(2)
+        i = rng.randrange(len(body))
+        if action == 0:
+            edited[i] = rng.choice([w for w in words if w != edited[i]])
+        elif action == 1:
+            edited.insert(i, rng.choice(words))
+        else:
+            del edited[i]
+        return prompt, (a, True), (edited[:max_len], True), "edit"
+    return prompt, (a, True), (b, True), "independent"
+
+
 def _batch_scores(rm, tokenizer, prompts: list[list[int]], responses: list[list[int]], baseline: str = "prompt"):
     """The fused op's output on right-padded ``prompt + response`` rows (response_start per row)."""
     ids, mask = _right_pad([p + r for p, r in zip(prompts, responses)], tokenizer.pad_token_id)
@@ -160,7 +196,8 @@ def train_reward_model(task: SyntheticTask, tokenizer, sft_folder: Path, s, fold
     sft_key = json.loads((sft_folder / "pretrain.json").read_text())["fingerprint"]
     key = fingerprint("rm", sft_key,
                       s.seed, s.rm_pairs, s.rm_epochs, s.rm_batch_size, s.rm_lr, s.label_temperature,
-                      s.heldout_responses, max_new_tokens, baseline)
+                      s.heldout_responses, max_new_tokens, baseline, s.rm_prefix_pairs, s.rm_edit_pairs,
+                      s.verbose_after, s.proper_end, s.no_eos)
     info = cached(folder, key)
     if info is not None:
         log(f"[2/3] reward model: reusing {folder}")
@@ -172,9 +209,13 @@ def train_reward_model(task: SyntheticTask, tokenizer, sft_folder: Path, s, fold
     pool_prompts, pool = _response_pool(task, tokenizer, policy, rng, 2 * s.rm_pairs, max_new_tokens)
     held_prompts, held = _response_pool(task, tokenizer, policy, rng, s.heldout_responses, max_new_tokens)
     chosen, rejected, agree = [], [], 0
+    kinds = pair_kinds(s.rm_pairs, s.rm_prefix_pairs, s.rm_edit_pairs, rng)
+    made = {"independent": 0, "prefix": 0, "edit": 0}
     for i in range(s.rm_pairs):
-        prompt, a, b = pool_prompts[2 * i], pool[2 * i], pool[2 * i + 1]
-        gap = task.score(prompt, a) - task.score(prompt, b)
+        prompt, (a, a_done), (b, b_done), kind = make_pair(task, rng, kinds[i], pool_prompts[2 * i], pool[2 * i],
+                                                           pool[2 * i + 1], max_new_tokens)
+        made[kind] += 1
+        gap = task.score(prompt, a, a_done) - task.score(prompt, b, b_done)
         a_wins = rng.random() < 1.0 / (1.0 + math.exp(-gap / s.label_temperature))
         agree += (gap > 0) == a_wins if gap != 0 else 0.5
         chosen.append((prompt, a if a_wins else b))
@@ -200,8 +241,10 @@ def train_reward_model(task: SyntheticTask, tokenizer, sft_folder: Path, s, fold
             losses.append(loss.item())
     _save(rm, tokenizer, folder)
     info = {"fingerprint": key, "final_loss": float(np.mean(losses[-20:])), "label_agreement": agree / s.rm_pairs,
+            "pairs": made,
             **credit_fidelity(rm, tokenizer, task, held_prompts, held, baseline),
             "seconds": time.perf_counter() - t0}
+    (folder / "heldout.json").write_text(json.dumps({"prompts": held_prompts, "responses": held}))
     (folder / "pretrain.json").write_text(json.dumps(info, indent=2))
     log(f"[2/3] reward model: {s.rm_pairs} pairs (labels agree with the truth {info['label_agreement']:.0%}), "
         f"loss {info['final_loss']:.3f}, held-out accuracy {info['heldout_accuracy']:.1%}, "

@@ -106,11 +106,20 @@ def make_kl_controller(reward_cfg) -> FixedKLController:
     return FixedKLController(reward_cfg.kl_coef)
 
 
+def apply_missing_eos_penalty(rm_rewards: torch.Tensor, no_eos: torch.Tensor, response_mask: torch.Tensor,
+                              penalty: float | None) -> torch.Tensor:
+    """Subtract ``penalty`` on the last token of every response without EOS (``no_eos [B]`` bool).
+    It comes after ``reward.clip``, which applies to the reward model's scores only, so a penalty
+    larger than the clip is not capped by it."""
+    if penalty is None:
+        return rm_rewards
+    return rm_rewards - penalty * sparse_rewards(no_eos.to(rm_rewards.dtype), response_mask)
+
+
 def shape_rewards(rm_rewards: torch.Tensor, kl: torch.Tensor, response_mask: torch.Tensor, kl_coef: float,
-                  clip: float | None = None, whiten_rewards: bool = False) -> torch.Tensor:
-    """Final per-token rewards: clip the reward-model part, subtract ``kl_coef * kl``, optionally whiten."""
-    if clip is not None:
-        rm_rewards = rm_rewards.clamp(-clip, clip)
+                  whiten_rewards: bool = False) -> torch.Tensor:
+    """Final per-token rewards: the reward-model part (already clipped and penalised) minus
+    ``kl_coef * kl``, optionally whitened."""
     rewards = (rm_rewards - kl_coef * kl) * response_mask
     if whiten_rewards:
         rewards = whiten(rewards, response_mask, shift_mean=False)

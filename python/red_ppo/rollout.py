@@ -40,6 +40,19 @@ class Rollout:
         return Rollout(self.input_ids[index], self.attention_mask[index], self.prompt_width, self.response_mask[index])
 
 
+def reward_model_mask(rollout: Rollout, pad_id: int) -> torch.Tensor:
+    """The attention mask [B, P + R] under which the reward model scores a rollout: response tokens
+    after the last one that is not the pad id are left out, so the sequence score is read where a
+    Hugging Face ``*ForSequenceClassification`` model reads it (the last non-pad token). With a
+    distinct pad id that is the EOS itself (a pad the policy sampled inside a response stays in);
+    with pad == EOS it is the token before the EOS, as the reward model was trained to score it."""
+    real = rollout.response_mask.bool()
+    columns = torch.arange(real.shape[1], device=real.device)
+    last = torch.where(real & (rollout.responses != pad_id), columns, -1).max(dim=1, keepdim=True).values
+    scored = real & (columns <= last)
+    return torch.cat([rollout.attention_mask[:, : rollout.prompt_width], scored.long()], dim=1)
+
+
 def left_pad(sequences: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Token lists -> (ids [B, P], mask [B, P]), padded on the left."""
     if any(len(s) == 0 for s in sequences):

@@ -5,10 +5,12 @@ Responses are words followed, usually, by ``. <eos>``. The hidden scorer is a su
 per-token contributions, so the true credit of every response token is known:
 
 * a word of the prompt's topic +1, a word of another topic -1, a function word 0;
-* repeating the previous word -1; every word after the first ``VERBOSE_AFTER`` words -0.5;
+* repeating the previous word -1; every word after the first ``verbose_after`` (10) words -0.5;
 * a malformed token (a special, a topic name, a mood, ':') -1;
-* ending properly (``<eos>`` right after ``.``) +2 on the ``<eos>``; a response that
-  never emits ``<eos>`` -2 on its last token.
+* ending properly (``<eos>`` right after ``.``) ``proper_end`` (+2) on the ``<eos>``; a response
+  that never emits ``<eos>`` ``no_eos`` (-2) on its last token.
+
+The three settings in parentheses are the defaults; the demo chooses its own (`SyntheticConfig`).
 """
 
 from __future__ import annotations
@@ -56,8 +58,10 @@ def build_tokenizer():
 class SyntheticTask:
     """Prompts, the language's own samples, and the hidden ground-truth scorer (on token ids)."""
 
-    def __init__(self, max_words: int = 12) -> None:
+    def __init__(self, max_words: int = 12, verbose_after: int = VERBOSE_AFTER, proper_end: float = PROPER_END,
+                 no_eos: float = NO_EOS) -> None:
         self.max_words = max_words
+        self.verbose_after, self.proper_end, self.no_eos = verbose_after, proper_end, no_eos
         self.id = {token: i for i, token in enumerate(VOCAB)}
         self.word = VOCAB
         self.eos_id, self.pad_id, self.bos_id = self.id["<eos>"], self.id["<pad>"], self.id["<bos>"]
@@ -109,14 +113,16 @@ class SyntheticTask:
 
     # -- the hidden scorer --------------------------------------------------------
 
-    def token_credit(self, prompt_ids: list[int], response_ids: list[int]) -> list[float]:
-        """True contribution of every response token (truncated after the first <eos>)."""
+    def token_credit(self, prompt_ids: list[int], response_ids: list[int], complete: bool = True) -> list[float]:
+        """True contribution of every response token (truncated after the first <eos>).
+
+        ``complete=False`` reads ``response_ids`` as an unfinished prefix: no missing-EOS term."""
         topic = self.topic_of_prompt(prompt_ids)
         credit: list[float] = []
         previous = prompt_ids[-1] if prompt_ids else None
         for position, token in enumerate(response_ids):
             if token == self.eos_id:
-                credit.append(PROPER_END if previous == self.period_id else 0.0)
+                credit.append(self.proper_end if previous == self.period_id else 0.0)
                 return credit
             if token == self.period_id:
                 value = 0.0
@@ -128,16 +134,16 @@ class SyntheticTask:
                 value = MALFORMED
             if token == previous and token != self.period_id:
                 value += REPEAT
-            if position >= VERBOSE_AFTER:
+            if position >= self.verbose_after:
                 value += VERBOSE
             credit.append(value)
             previous = token
-        if credit:
-            credit[-1] += NO_EOS
+        if credit and complete:
+            credit[-1] += self.no_eos
         return credit
 
-    def score(self, prompt_ids: list[int], response_ids: list[int]) -> float:
-        return float(sum(self.token_credit(prompt_ids, response_ids)))
+    def score(self, prompt_ids: list[int], response_ids: list[int], complete: bool = True) -> float:
+        return float(sum(self.token_credit(prompt_ids, response_ids, complete)))
 
     def metrics(self, prompts: list[list[int]], responses: list[list[int]]) -> dict[str, float]:
         """Per-batch ground-truth metrics, for the trainer's ``sample_metrics`` hook."""

@@ -18,18 +18,19 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from red_kernels import redistribute
 from red_kernels.hf import score_prefixes
 from red_ppo import checkpoint as ckpt
 from red_ppo.config import Config, ConfigError, to_dict
 from red_ppo.data import PromptSampler, read_prompt_texts, split_prompts, tokenize_prompts
 from red_ppo.gae import compute_gae
-from red_ppo.losses import explained_variance, policy_loss, value_loss
+from red_ppo.losses import explained_variance, policy_loss, token_mean, value_loss
 from red_ppo.metrics import MetricsLog
 from red_ppo.models import Critic, build_model, check_resources, freeze
-from red_ppo.rewards import kl_per_token, make_kl_controller, masked_mean, mixed_rewards, shape_rewards, \
-    sparse_rewards, whiten
+from red_ppo.rewards import apply_missing_eos_penalty, kl_per_token, make_kl_controller, masked_mean, \
+    mixed_rewards, shape_rewards, whiten
 from red_ppo.rollout import Rollout, entropy_from_logits, gather_logprobs, generate_rollout, left_pad, \
-    response_logits, rollout_logprobs
+    response_logits, reward_model_mask, rollout_logprobs
 
 POSTFIX = (("score", "reward/score"), ("kl", "kl/sequence"), ("gt", "gt/score"))
 # Changing these between an interrupted run and its resumption does not change the results
@@ -80,12 +81,33 @@ def _flatten(data: dict, prefix: str = "") -> dict:
     return flat
 
 
+RewardFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+
 class PPOTrainer:
-    """``PPOTrainer(cfg).train()``; ``sample_metrics(prompts, responses) -> dict`` adds metrics
-    computed from the sampled token ids (the demo's ground truth)."""
+    """``PPOTrainer(cfg).train()``.
+
+    ``sample_metrics(prompts, responses) -> dict`` adds metrics computed from the sampled token ids
+    (the demo's ground truth).
+
+    ``reward_fn(input_ids, attention_mask, response_start) -> scores`` replaces the reward model as
+    the source of scores: given a rollout's ``[B, T]`` token ids (left-padded prompts of width
+    ``response_start``, then the responses), the ``[B, T]`` mask of the tokens to score, and the
+    response start, it returns ``[B, T]`` prefix scores: ``scores[b, t]`` is the score of row b's
+    text up to and including token t (read only where the mask is nonzero). The trainer reads the
+    sequence score at each row's last masked token and, in RED mode, redistributes the prefix
+    scores with ``red_kernels.redistribute``, exactly as it does the reward model's. Use it for an
+    oracle, a rule-based scorer, or a reward model this trainer cannot load. The reward model is
+    still built (the critic may start from it) but is not used for scores.
+    """
 
     def __init__(self, cfg: Config, *, tokenizer=None,
-                 sample_metrics: Callable[[list, list], dict] | None = None) -> None:
+                 sample_metrics: Callable[[list, list], dict] | None = None,
+                 reward_fn: RewardFn | None = None) -> None:
+        if reward_fn is not None and not callable(reward_fn):
+            raise TypeError(f"reward_fn: expected a callable (input_ids, attention_mask, response_start) -> "
+                            f"[B, T] scores, got {type(reward_fn).__name__}")
+        self.reward_fn = reward_fn
         self.cfg = cfg
         self.out = Path(cfg.run.output_dir)
         self.device = resolve_device(cfg.run.device)
@@ -114,8 +136,9 @@ class PPOTrainer:
         else:
             self.reference = freeze(build_model(m.reference, tokenizer, "causal_lm", cfg).to(self.device))
         self.reward_model = freeze(build_model(m.reward_model, tokenizer, "seq_cls", cfg).to(self.device))
-        if m.critic_init == "reward_model":
-            self.critic = Critic.from_reward_model(self.reward_model, cfg.reward.backend)
+        if m.critic_init in ("reward_model", "reward_model_zero_head"):
+            self.critic = Critic.from_reward_model(self.reward_model, cfg.reward.backend,
+                                                   zero_head=m.critic_init == "reward_model_zero_head")
         else:
             self.critic = Critic.from_policy(self.policy, cfg.reward.backend)
         self.critic.requires_grad_(True)
@@ -136,16 +159,46 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------ rollout
 
+    def reward_scores(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sequence scores ``[B]`` and RED token rewards ``[B, P + R]`` of one chunk of a rollout.
+
+        Scores are read where the reward model was trained to read them (`reward_model_mask`), from
+        the reward model's one pass through the fused op or from ``reward_fn``. ``reward.clip``
+        clamps every prefix score before redistribution, so clipped token rewards still telescope.
+        """
+        r = self.cfg.reward
+        mask, width = reward_model_mask(rollout, self.pad_id), rollout.prompt_width
+        if self.reward_fn is None:
+            out = score_prefixes(self.reward_model, rollout.input_ids, mask, width, baseline=r.baseline,
+                                 backend=r.backend)
+            if r.clip is None:
+                return out.rewards, out.token_rewards
+            prefix = out.scores
+        else:
+            prefix = self.reward_fn(rollout.input_ids, mask, width)
+            if not isinstance(prefix, torch.Tensor) or tuple(prefix.shape) != tuple(mask.shape) \
+                    or not prefix.is_floating_point():
+                got = f"{prefix.dtype} tensor of shape {list(prefix.shape)}" if isinstance(prefix, torch.Tensor) \
+                    else type(prefix).__name__
+                raise ValueError(f"reward_fn: expected a floating-point tensor of prefix scores of shape "
+                                 f"{list(mask.shape)} (the rollout's [B, T]), got {got}")
+        prefix = prefix.to(device=mask.device, dtype=torch.float32)
+        if r.clip is not None:
+            prefix = prefix.clamp(-r.clip, r.clip)
+        # H = 1 and weight 1: the op applies the redistribution rule to the given scores themselves.
+        out = redistribute(prefix.unsqueeze(-1).contiguous(), torch.ones(1, device=mask.device), attention_mask=mask,
+                           response_start=width, baseline=r.baseline, backend=r.backend)
+        return out.rewards, out.token_rewards
+
     def score_rollout(self, rollout: Rollout):
-        """One reward-model pass through the fused op, and the critic's values, chunked."""
+        """Sequence scores, RED token rewards and the critic's values, chunked."""
         scores, token_rewards, values = [], [], []
         chunk, R = self.cfg.rollout.forward_batch_size, rollout.response_mask.shape[1]
         for start in range(0, rollout.input_ids.shape[0], chunk):
             part = rollout.select(torch.arange(start, min(start + chunk, rollout.input_ids.shape[0])))
-            out = score_prefixes(self.reward_model, part.input_ids, part.attention_mask, part.prompt_width,
-                                 baseline=self.cfg.reward.baseline, backend=self.cfg.reward.backend)
-            scores.append(out.rewards)
-            token_rewards.append(out.token_rewards)
+            part_scores, part_token_rewards = self.reward_scores(part)
+            scores.append(part_scores)
+            token_rewards.append(part_token_rewards)
             values.append(self.critic(part.input_ids, part.attention_mask, part.prompt_width, R).float())
         return torch.cat(scores), torch.cat(token_rewards), torch.cat(values) * rollout.response_mask
 
@@ -158,11 +211,11 @@ class PPOTrainer:
         scores, token_rewards, values = self.score_rollout(rollout)
         rm_rewards = mixed_rewards(cfg.reward.mode, scores, token_rewards, rollout.prompt_width, mask,
                                    cfg.reward.beta_c)
-        no_eos = ~(rollout.responses == self.eos_id).any(1)
-        if cfg.reward.missing_eos_penalty is not None:
-            rm_rewards = rm_rewards - cfg.reward.missing_eos_penalty * sparse_rewards(no_eos.float(), mask)
+        # Padding after an EOS may itself be the EOS id (pad == EOS): only real tokens count.
+        no_eos = ~((rollout.responses == self.eos_id) & mask.bool()).any(1)
+        rm_rewards = apply_missing_eos_penalty(rm_rewards, no_eos, mask, cfg.reward.missing_eos_penalty)
         kl = kl_per_token(logprobs, ref_logprobs, cfg.reward.kl_estimator) * mask
-        rewards = shape_rewards(rm_rewards, kl, mask, self.kl_controller.value, cfg.reward.clip, cfg.reward.whiten)
+        rewards = shape_rewards(rm_rewards, kl, mask, self.kl_controller.value, cfg.reward.whiten)
         advantages, returns = compute_gae(rewards, values, mask, cfg.ppo.gamma, cfg.ppo.lam)
         raw_advantages = advantages
         if cfg.ppo.whiten_advantages:
@@ -184,7 +237,7 @@ class PPOTrainer:
             "response/no_eos_fraction": no_eos.float().mean().item(),
         }
         return {"logprobs": logprobs, "values": values, "advantages": advantages, "returns": returns,
-                "penalty_kl": kl, "stats": stats}
+                "penalty_kl": kl, "rm_rewards": rm_rewards, "raw_advantages": raw_advantages, "stats": stats}
 
     # ------------------------------------------------------------------ update
 
@@ -197,56 +250,81 @@ class PPOTrainer:
                 f"the models with it, and {where}")
 
     def ppo_update(self, rollout: Rollout, exp: dict) -> dict:
-        cfg, p = self.cfg, self.cfg.ppo
-        B, R = rollout.response_mask.shape
-        micro = p.minibatch_size // p.grad_accum_steps
-        totals: dict[str, float] = {}
-        counts = 0
+        p = self.cfg.ppo
+        B = rollout.response_mask.shape[0]
+        totals: dict[str, float] = {}  # per minibatch: losses and gradient norms
+        micro_totals: dict[str, float] = {}  # per micro-batch: diagnostics
+        minibatches = micro_steps = 0
         for _ in range(p.epochs):
             order = torch.randperm(B, generator=self.shuffle)
             for start in range(0, B, p.minibatch_size):
                 minibatch = order[start:start + p.minibatch_size]
-                for opt in self.optimizers.values():
-                    opt.zero_grad(set_to_none=True)
-                for micro_start in range(0, p.minibatch_size, micro):
-                    index = minibatch[micro_start:micro_start + micro].to(self.device)
-                    stats = self._micro_step(rollout.select(index), exp, index)
-                    for key, value in stats.items():
-                        totals[key] = totals.get(key, 0.0) + value
-                    counts += 1
-                for name, model in (("policy", self.policy), ("critic", self.critic)):
-                    norm = self._clip_grad(model)
+                losses, diagnostics = self.accumulate_gradients(rollout, exp, minibatch)
+                # Both norms are checked before either model steps, so a NaN leaves both untouched.
+                norms = {name: self._clip_grad(model) for name, model in (("policy", self.policy),
+                                                                          ("critic", self.critic))}
+                for name, norm in norms.items():
                     self._check_finite(f"{name} gradient norm", norm)
-                    key = f"grad_norm/{name}"  # once per minibatch; averaged over micro-batches below
-                    totals[key] = totals.get(key, 0.0) + norm.item() * p.grad_accum_steps
+                for name, norm in norms.items():
                     self.optimizers[name].step()
                     self.schedulers[name].step()
-        return {key: value / counts for key, value in totals.items()}
+                    losses[f"grad_norm/{name}"] = norm.item()
+                for key, value in losses.items():
+                    totals[key] = totals.get(key, 0.0) + value
+                for key, value in diagnostics.items():
+                    micro_totals[key] = micro_totals.get(key, 0.0) + value
+                minibatches += 1
+                micro_steps += p.grad_accum_steps
+        return {**{k: v / minibatches for k, v in totals.items()}, **{k: v / micro_steps for k, v in micro_totals.items()}}
+
+    def accumulate_gradients(self, rollout: Rollout, exp: dict, minibatch: torch.Tensor) -> tuple[dict, dict]:
+        """Zero both models' gradients and accumulate the minibatch's over ``ppo.grad_accum_steps``
+        micro-batches. Every micro-batch's token sums are divided by the minibatch's token count, so
+        the gradient is the same for any number of micro-batches. -> (losses of the minibatch,
+        diagnostics summed over micro-batches)."""
+        p = self.cfg.ppo
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        micro = p.minibatch_size // p.grad_accum_steps
+        tokens = rollout.response_mask[minibatch.to(rollout.response_mask.device)].sum().clamp(min=1)
+        losses: dict[str, float] = {}
+        diagnostics: dict[str, float] = {}
+        for micro_start in range(0, len(minibatch), micro):
+            index = minibatch[micro_start:micro_start + micro].to(self.device)
+            part_losses, part_diagnostics = self._micro_step(rollout.select(index), exp, index, tokens)
+            for key, value in part_losses.items():
+                losses[key] = losses.get(key, 0.0) + value
+            for key, value in part_diagnostics.items():
+                diagnostics[key] = diagnostics.get(key, 0.0) + value
+        return losses, diagnostics
 
     def _clip_grad(self, model) -> torch.Tensor:
         limit = self.cfg.ppo.max_grad_norm
         parameters = [q for q in model.parameters() if q.grad is not None]
         return torch.nn.utils.clip_grad_norm_(parameters, limit if limit is not None else float("inf"))
 
-    def _micro_step(self, part: Rollout, exp: dict, index: torch.Tensor) -> dict:
-        p, accum = self.cfg.ppo, self.cfg.ppo.grad_accum_steps
+    def _micro_step(self, part: Rollout, exp: dict, index: torch.Tensor, tokens: torch.Tensor) -> tuple[dict, dict]:
+        """Backward of one micro-batch, its token sums divided by the minibatch's ``tokens``."""
+        p = self.cfg.ppo
         mask = part.response_mask
         logits = response_logits(self.policy, part.input_ids, part.attention_mask, part.prompt_width,
                                  self.cfg.generation.temperature)
         logprobs = gather_logprobs(logits, part.responses)
-        entropy = masked_mean(entropy_from_logits(logits), mask)
+        entropy = token_mean(entropy_from_logits(logits), mask, tokens)
         pg_loss, pg_stats = policy_loss(logprobs, exp["logprobs"][index], exp["advantages"][index], mask,
-                                        p.clip_range)
+                                        p.clip_range, tokens)
         loss = pg_loss - p.entropy_coef * entropy
         self._check_finite("policy loss", pg_loss)
         values = self.critic(part.input_ids, part.attention_mask, part.prompt_width, mask.shape[1]).float()
-        vf_loss, vf_stats = value_loss(values, exp["values"][index], exp["returns"][index], mask, p.value_clip_range)
+        vf_loss, vf_stats = value_loss(values, exp["values"][index], exp["returns"][index], mask, p.value_clip_range,
+                                       tokens)
         self._check_finite("value loss", vf_loss)
-        (loss / accum).backward()
-        (vf_loss / accum).backward()
-        return {"loss/policy": pg_loss.item(), "loss/value": vf_loss.item(), "policy/entropy": entropy.item(),
-                "policy/clipfrac": pg_stats["clipfrac"].item(), "policy/approx_kl": pg_stats["approx_kl"].item(),
-                "value/clipfrac": vf_stats["clipfrac"].item()}
+        loss.backward()
+        vf_loss.backward()
+        losses = {"loss/policy": pg_loss.item(), "loss/value": vf_loss.item(), "policy/entropy": entropy.item()}
+        diagnostics = {"policy/clipfrac": pg_stats["clipfrac"].item(), "policy/approx_kl": pg_stats["approx_kl"].item(),
+                       "value/clipfrac": vf_stats["clipfrac"].item()}
+        return losses, diagnostics
 
     # ------------------------------------------------------------------ one step
 
@@ -289,9 +367,7 @@ class PPOTrainer:
                 rollout = generate_rollout(self.policy, ids, mask, cfg.generation, self.eos_id, self.pad_id)
                 logprobs = rollout_logprobs(self.policy, rollout, cfg.generation.temperature, chunk)
                 ref = rollout_logprobs(self.reference, rollout, cfg.generation.temperature, chunk)
-                out = score_prefixes(self.reward_model, rollout.input_ids, rollout.attention_mask,
-                                     rollout.prompt_width, baseline=cfg.reward.baseline, backend=cfg.reward.backend)
-                scores.append(out.rewards)
+                scores.append(self.reward_scores(rollout)[0])
                 kls.append((logprobs - ref).sum(1))
                 lengths.append(rollout.response_mask.sum(1))
                 prompts += rollout.prompt_lists()
