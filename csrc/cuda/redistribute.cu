@@ -91,11 +91,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> redistribute_cuda(
                                      rewards.mutable_data_ptr<float>(),
                                      token_rewards.mutable_data_ptr<float>(),
                                      last_index.mutable_data_ptr<int64_t>()};
-    if (forward_aligned(args)) {
-      launch_forward<scalar_t, true>(launch, plan, args);
-    } else {
-      launch_forward<scalar_t, false>(launch, plan, args);
-    }
+    launch_forward(launch, plan, args);
   });
   return {scores, rewards, token_rewards, last_index};
 }
@@ -146,11 +142,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> redistribute_backward_cuda(
                                       need_weight ? grad_weight.mutable_data_ptr<float>() : nullptr,
                                       need_bias ? grad_bias.mutable_data_ptr<float>() : nullptr,
                                       partial.defined() ? partial.mutable_data_ptr<float>() : nullptr};
-    if (backward_aligned(args)) {
-      launch_backward<scalar_t, true>(launch, plan, args);
-    } else {
-      launch_backward<scalar_t, false>(launch, plan, args);
-    }
+    launch_backward(launch, plan, args);
   });
   return {grad_hidden, grad_weight, grad_bias};
 }

@@ -567,13 +567,21 @@ bool forward_aligned(const ForwardArgs<scalar_t>& a) {
          reinterpret_cast<uintptr_t>(a.weight) % 16 == 0;
 }
 
-// B >= 1 and plan.fits.
-template <typename scalar_t, bool kAligned, typename Launch>
-void launch_forward(Launch&& launch, const ForwardPlan& plan, const ForwardArgs<scalar_t>& a) {
-  launch("redistribute_forward_kernel", redistribute_forward_kernel<scalar_t, kAligned>,
-         dim3(static_cast<unsigned>(plan.blocks)), dim3(kThreads), a.hidden, a.stride_b, a.stride_t, a.weight, a.bias,
-         a.mask, a.start, a.T, a.H, plan.chunks_per_row, a.baseline_zero, a.scores, a.rewards, a.token_rewards,
-         a.last_index);
+// B >= 1 and plan.fits. Launches the vectorised variant when forward_aligned, and says whether it did.
+template <typename scalar_t, typename Launch>
+bool launch_forward(Launch&& launch, const ForwardPlan& plan, const ForwardArgs<scalar_t>& a) {
+  const bool aligned = forward_aligned(a);
+  auto run = [&](auto kernel) {
+    launch("redistribute_forward_kernel", kernel, dim3(static_cast<unsigned>(plan.blocks)), dim3(kThreads), a.hidden,
+           a.stride_b, a.stride_t, a.weight, a.bias, a.mask, a.start, a.T, a.H, plan.chunks_per_row, a.baseline_zero,
+           a.scores, a.rewards, a.token_rewards, a.last_index);
+  };
+  if (aligned) {
+    run(redistribute_forward_kernel<scalar_t, true>);
+  } else {
+    run(redistribute_forward_kernel<scalar_t, false>);
+  }
+  return aligned;
 }
 
 struct BackwardPlan {
@@ -637,20 +645,29 @@ bool backward_aligned(const BackwardArgs<scalar_t>& a) {
           rows_aligned(a.grad_hidden, sizeof(scalar_t), a.B, a.grad_stride_b, a.T, a.grad_stride_t));
 }
 
-// !plan.empty and plan.fits.
-template <typename scalar_t, bool kAligned, typename Launch>
-void launch_backward(Launch&& launch, const BackwardPlan& plan, const BackwardArgs<scalar_t>& a) {
+// !plan.empty and plan.fits. Launches the vectorised variant when backward_aligned, and says whether it did.
+template <typename scalar_t, typename Launch>
+bool launch_backward(Launch&& launch, const BackwardPlan& plan, const BackwardArgs<scalar_t>& a) {
   const bool need_weight = a.grad_weight != nullptr, need_bias = a.grad_bias != nullptr;
-  launch("redistribute_backward_kernel", redistribute_backward_kernel<scalar_t, kAligned>,
-         dim3(static_cast<unsigned>(plan.chunks), static_cast<unsigned>(plan.column_tiles)), dim3(kThreads),
-         a.grad_scores, a.grad_rewards, a.grad_token_rewards, a.hidden, a.hidden_stride_b, a.hidden_stride_t, a.weight,
-         a.mask, a.start, a.last_index, a.T, a.H, plan.rows, plan.rows_per_chunk, a.baseline_zero, a.grad_hidden,
-         a.grad_stride_b, a.grad_stride_t, a.partial, need_weight, need_bias);
+  const bool aligned = backward_aligned(a);
+  auto run = [&](auto kernel) {
+    launch("redistribute_backward_kernel", kernel,
+           dim3(static_cast<unsigned>(plan.chunks), static_cast<unsigned>(plan.column_tiles)), dim3(kThreads),
+           a.grad_scores, a.grad_rewards, a.grad_token_rewards, a.hidden, a.hidden_stride_b, a.hidden_stride_t,
+           a.weight, a.mask, a.start, a.last_index, a.T, a.H, plan.rows, plan.rows_per_chunk, a.baseline_zero,
+           a.grad_hidden, a.grad_stride_b, a.grad_stride_t, a.partial, need_weight, need_bias);
+  };
+  if (aligned) {
+    run(redistribute_backward_kernel<scalar_t, true>);
+  } else {
+    run(redistribute_backward_kernel<scalar_t, false>);
+  }
   if (plan.partial_elements > 0) {
     launch("reduce_partials_kernel", reduce_partials_kernel, dim3(static_cast<unsigned>(plan.reduce_blocks)),
            dim3(kWarpSize, kWarps), static_cast<const float*>(a.partial), plan.chunks, a.H, plan.j_begin, plan.j_end,
            a.grad_weight, a.grad_bias);
   }
+  return aligned;
 }
 
 }  // namespace cuda_impl

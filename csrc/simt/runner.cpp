@@ -221,12 +221,7 @@ int forward(const Case& c) {
                                      start->as<int64_t>(), B, T, H, c.get("baseline_zero") != 0,
                                      scores->as<float>(), rewards->as<float>(), token_rewards->as<float>(),
                                      last_index->as<int64_t>()};
-    const bool aligned = forward_aligned(args);
-    if (aligned) {
-      launch_forward<scalar_t, true>(simt::Launch{}, plan, args);
-    } else {
-      launch_forward<scalar_t, false>(simt::Launch{}, plan, args);
-    }
+    const bool aligned = launch_forward(simt::Launch{}, plan, args);
     if (simt::any_failure()) return report_failure();
     std::printf("aligned %d\n", aligned ? 1 : 0);
   }
@@ -284,12 +279,7 @@ int backward(const Case& c) {
                                       need_weight ? grad_weight->as<float>() : nullptr,
                                       need_bias ? grad_bias->as<float>() : nullptr,
                                       plan.partial_elements > 0 ? partial->as<float>() : nullptr};
-    const bool aligned = backward_aligned(args);
-    if (aligned) {
-      launch_backward<scalar_t, true>(simt::Launch{}, plan, args);
-    } else {
-      launch_backward<scalar_t, false>(simt::Launch{}, plan, args);
-    }
+    const bool aligned = launch_backward(simt::Launch{}, plan, args);
     if (simt::any_failure()) return report_failure();
     std::printf("aligned %d chunks %lld column_tiles %lld\n", aligned ? 1 : 0, static_cast<long long>(plan.chunks),
                 static_cast<long long>(plan.column_tiles));

@@ -266,6 +266,20 @@ inline void check_progress_locked(Block& block) {
   }
 }
 
+// Marks this thread as waiting in `op` at `line` and waits on `cv` until `generation` moves on (the
+// thread that completes the barrier or exchange advances it); unwinds if the launch failed instead.
+inline void wait_locked(Block& block, Thread& self, State state, const char* op, int line,
+                        std::condition_variable& cv, std::unique_lock<std::mutex>& lock, const uint64_t& generation) {
+  block.state[self.linear] = state;
+  block.line[self.linear] = line;
+  block.op[self.linear] = op;
+  --block.running;
+  check_progress_locked(block);
+  const uint64_t before = generation;
+  cv.wait(lock, [&] { return block.failed || generation != before; });
+  if (generation == before) throw Abort{};
+}
+
 // ------------------------------------------------------------------------------------------------
 // __syncthreads and its reductions
 
@@ -306,14 +320,7 @@ inline int barrier_wait(const char* op, Reduce reduce, int predicate, int line) 
     block.cv.notify_all();
     return block.bar_result;
   }
-  block.state[self.linear] = State::Barrier;
-  block.line[self.linear] = line;
-  block.op[self.linear] = op;
-  --block.running;
-  check_progress_locked(block);
-  const uint64_t generation = block.bar_generation;
-  block.cv.wait(lock, [&] { return block.failed || block.bar_generation != generation; });
-  if (block.bar_generation == generation) throw Abort{};
+  wait_locked(block, self, State::Barrier, op, line, block.cv, lock, block.bar_generation);
   return block.bar_result;  // not overwritten before this thread reaches the next barrier
 }
 
@@ -406,14 +413,7 @@ T warp_exchange_wait(const char* op, Shuffle kind, unsigned mask, T value, int a
     }
     warp.cv.notify_all();
   } else {
-    block.state[self.linear] = State::Warp;
-    block.line[self.linear] = line;
-    block.op[self.linear] = op;
-    --block.running;
-    check_progress_locked(block);
-    const uint64_t generation = warp.generation;
-    warp.cv.wait(lock, [&] { return block.failed || warp.generation != generation; });
-    if (warp.generation == generation) throw Abort{};
+    wait_locked(block, self, State::Warp, op, line, warp.cv, lock, warp.generation);
   }
   T out;
   std::memcpy(&out, &warp.result[lane], sizeof(T));
