@@ -106,6 +106,15 @@ def _read(path: Path, dtype: torch.dtype, shape) -> torch.Tensor:
     return torch.frombuffer(data, dtype=dtype).reshape(shape).clone() if data else torch.empty(shape, dtype=dtype)
 
 
+def _write_inputs(directory: Path, hidden, weight, mask, start) -> dict:
+    """The inputs both commands read (hidden, weight, mask, start), and their meta entries."""
+    meta = _hidden_meta(directory, hidden)
+    meta["weight_misalign"] = weight.data_ptr() % 64
+    for name, tensor in (("weight", weight), ("mask", mask), ("start", start)):
+        _write(directory / f"{name}.bin", tensor)
+    return meta
+
+
 def _hidden_meta(directory: Path, hidden: torch.Tensor) -> dict:
     """hidden's storage from its first element to its last, keeping its strides and its base address
     modulo 64 (so the harness sees the same alignment). Huge, mostly unread views (the 64-bit offset
@@ -167,13 +176,9 @@ def forward(hidden, weight, bias, mask, start, baseline_zero: bool, *, variant: 
     B, T, H = hidden.shape
     with tempfile.TemporaryDirectory(prefix="simt-") as name:
         directory = Path(name)
-        meta = _hidden_meta(directory, hidden)
-        meta["weight_misalign"] = weight.data_ptr() % 64
-        (directory / "weight.bin").write_bytes(ctypes.string_at(weight.data_ptr(), H * 4))
+        meta = _write_inputs(directory, hidden, weight, mask, start)
         if bias is not None:
             _write(directory / "bias.bin", bias.reshape(1))
-        _write(directory / "mask.bin", mask)
-        _write(directory / "start.bin", start)
         meta.update(has_bias=int(bias is not None), baseline_zero=int(baseline_zero))
         _run(variant, mutant, "forward", directory, meta)
         CALLS["forward"] += 1
@@ -185,19 +190,16 @@ def forward(hidden, weight, bias, mask, start, baseline_zero: bool, *, variant: 
 
 def backward(grad_scores, grad_rewards, grad_token_rewards, hidden, weight, mask, start, last_index,
              baseline_zero: bool, output_mask, *, variant: str = "asan", mutant: int | None = None,
-             sm_count: int = DEFAULT_SM_COUNT, plan: dict | None = None) -> tuple[torch.Tensor, ...]:
+             sm_count: int = DEFAULT_SM_COUNT) -> tuple[torch.Tensor, ...]:
     """red_kernels::redistribute_backward through the harness: (grad_hidden, grad_weight, grad_bias), each
-    empty when not requested. ``plan``, if given, receives the launch the harness chose."""
+    empty when not requested; LAST_BACKWARD_PLAN receives the launch the harness chose."""
     _check_normalised(hidden, weight, mask, start)
     B, T, H = hidden.shape
     need_hidden, need_weight, need_bias = (bool(x) for x in output_mask)
     with tempfile.TemporaryDirectory(prefix="simt-") as name:
         directory = Path(name)
-        meta = _hidden_meta(directory, hidden)
-        meta["weight_misalign"] = weight.data_ptr() % 64
-        (directory / "weight.bin").write_bytes(ctypes.string_at(weight.data_ptr(), H * 4))
-        for file, tensor in (("mask", mask), ("start", start), ("last_index", last_index),
-                             ("grad_scores", grad_scores), ("grad_rewards", grad_rewards),
+        meta = _write_inputs(directory, hidden, weight, mask, start)
+        for file, tensor in (("last_index", last_index), ("grad_scores", grad_scores), ("grad_rewards", grad_rewards),
                              ("grad_token_rewards", grad_token_rewards)):
             _write(directory / f"{file}.bin", tensor)
         meta.update(baseline_zero=int(baseline_zero), need_hidden=int(need_hidden), need_weight=int(need_weight),
@@ -207,8 +209,6 @@ def backward(grad_scores, grad_rewards, grad_token_rewards, hidden, weight, mask
         words = stdout.split()
         LAST_BACKWARD_PLAN.clear()
         LAST_BACKWARD_PLAN.update({words[i]: int(words[i + 1]) for i in range(0, len(words) - 1, 2)})
-        if plan is not None:
-            plan.update(LAST_BACKWARD_PLAN)
         grad_hidden = (_read(directory / "grad_hidden.bin", hidden.dtype, (B, T, H)) if need_hidden
                        else hidden.new_empty((0,)))
         grad_weight = _read(directory / "grad_weight.bin", torch.float32, (H,)) if need_weight else weight.new_empty(0)

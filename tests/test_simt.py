@@ -20,7 +20,7 @@ import torch
 import red_kernels
 import simt_harness
 from cases import (DTYPES, Case, assert_gradients_match, assert_matches, assert_padding_never_read, forward_cases,
-                   layout_inputs, make_inputs, reference_gradients, upstream_gradients, weighted_loss)
+                   layout_inputs, make_inputs, upstream_gradients)
 
 sys.path.insert(0, str(simt_harness.ROOT / "benchmarks"))
 import gpu_model  # noqa: E402
