@@ -11,6 +11,7 @@ SOURCES := pyproject.toml setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/cuda/*.cu
 STAMP := $(VENV)/.installed
 
 .PHONY: install test test-kernels test-triton test-simt test-trl check-setuptools test-gpu demo study study-quick bench wheel wheel-check clean
+.PHONY: test-bench
 
 install: $(STAMP)
 
@@ -24,7 +25,7 @@ $(STAMP): $(SOURCES)
 
 # The whole suite: everything on CPU (GPU tests skip without a GPU), then the Triton kernels under
 # the Triton interpreter in a process of their own (TRITON_INTERPRET must be set before triton loads).
-test: test-kernels test-triton
+test: test-kernels test-triton test-bench
 
 test-kernels: install
 	RED_KERNELS_EXPECT_EXTENSION=1 $(PY) -m pytest tests -q -p no:cacheprovider
@@ -89,10 +90,18 @@ study: install
 study-quick: install
 	$(BIN)/red-ppo study --quick
 
+# The CPU op benchmarks on pytest-benchmark (saved under benchmarks/results/pytest; BENCH_ARGS adds options,
+# e.g. BENCH_ARGS=--benchmark-compare), their ratios, then the reward-step benchmark.
+BENCH_ARGS ?=
 bench: install
-	$(PY) benchmarks/bench_op_cpu.py
-	$(PY) benchmarks/bench_grad_cpu.py
+	$(PY) -m pytest benchmarks --benchmark-only --benchmark-autosave -p no:cacheprovider $(BENCH_ARGS)
+	$(PY) benchmarks/report.py
 	$(PY) benchmarks/bench_reward_step.py
+
+# The same suites in CI's quick mode: every provider once at one small shape, checked against the float64
+# spec, nothing timed; part of `make test`, so the benchmarks cannot rot.
+test-bench: install
+	$(PY) -m pytest benchmarks -q -p no:cacheprovider --benchmark-disable --bench-quick
 
 # A wheel of the compiled extension, as a user installs it.
 wheel: install

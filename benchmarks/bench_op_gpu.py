@@ -6,6 +6,9 @@ and 80th percentiles):
   cuda    red_kernels.redistribute(..., backend="cuda"), the whole public call
   triton  red_kernels.redistribute(..., backend="triton")
   eager   red_kernels.redistribute(..., backend="eager"), the plain PyTorch reference
+  compile red_kernels.reference.redistribute_reference through torch.compile(dynamic=False) on
+          the same normalised inputs: the Triton code Inductor writes for the reference, the peer a
+          user would pick instead of a custom kernel; compiled and warmed before do_bench times it
   copy    hidden.copy_ into a second buffer: it reads and writes every byte, so the copy's
           bandwidth is 2 * bytes / time, and `floor` = bytes / that bandwidth = copy time / 2 is
           the time to read hidden once at the bandwidth this GPU reaches in practice.
@@ -21,17 +24,24 @@ Usage: python benchmarks/bench_op_gpu.py [--B 8 32] [--T 1024 4096] [--H 2048 40
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 
 import torch
 
 import red_kernels
+from red_kernels.reference import redistribute_reference
 from timing import record
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 FLOOR_TARGET = 1.25  # cuda time / floor time, every dtype
 EAGER_TARGET = {"bf16": 3.0}  # eager time / cuda time
 QUANTILES = [0.5, 0.2, 0.8]
+
+
+@functools.cache
+def compiled_reference():
+    return torch.compile(redistribute_reference, dynamic=False)
 
 
 def timing(fn) -> dict:
@@ -52,6 +62,9 @@ def bench(B: int, T: int, H: int, dtype_name: str, providers: list[str]) -> dict
     copy_target = torch.empty_like(hidden)
 
     def run(backend: str):
+        if backend == "compile":
+            compiled = compiled_reference()
+            return lambda: compiled(hidden, weight, bias, mask, start, False)
         return lambda: red_kernels.redistribute(hidden, weight, bias, attention_mask=mask, response_start=start,
                                                 backend=backend)
 
@@ -62,7 +75,11 @@ def bench(B: int, T: int, H: int, dtype_name: str, providers: list[str]) -> dict
         row["copy"] = {**copy, "GB_per_s": 2 * gigabytes / (copy["median_ms"] / 1e3)}
         row["floor_ms"] = copy["median_ms"] / 2
         for name in providers:
-            result = timing(run(name))
+            fn = run(name)
+            for _ in range(3):  # compiles `compile` for this shape and dtype outside the timing
+                fn()
+            torch.cuda.synchronize()
+            result = timing(fn)
             row[name] = {**result, "GB_per_s": gigabytes / (result["median_ms"] / 1e3),
                          "vs_floor": result["median_ms"] / row["floor_ms"]}
     if "triton" in row:  # the scores kernel alone: what the token-rewards launch and the call's overhead add
@@ -75,10 +92,11 @@ def bench(B: int, T: int, H: int, dtype_name: str, providers: list[str]) -> dict
         with torch.inference_mode():
             row["triton"]["scores_kernel_ms"] = timing(scores_launch)["median_ms"]
         row["triton"]["rest_of_call_ms"] = row["triton"]["median_ms"] - row["triton"]["scores_kernel_ms"]
-    if "eager" in row:
-        for name in ("cuda", "triton"):
-            if name in row:
-                row[name]["speedup_vs_eager"] = row["eager"]["median_ms"] / row[name]["median_ms"]
+    for peer in ("eager", "compile"):
+        if peer in row:
+            for name in ("cuda", "triton"):
+                if name in row:
+                    row[name][f"speedup_vs_{peer}"] = row[peer]["median_ms"] / row[name]["median_ms"]
     del hidden, copy_target
     torch.cuda.empty_cache()
     return row
@@ -99,11 +117,14 @@ def main() -> None:
     parser.add_argument("--T", type=int, nargs="+", default=[1024, 4096])
     parser.add_argument("--H", type=int, nargs="+", default=[2048, 4096, 8192])
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
+    parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile provider")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_op_gpu: no CUDA GPU visible")
     usable = red_kernels.available_backends("cuda")
     providers = [name for name in ("cuda", "triton", "eager") if name in usable]
+    if "triton" in usable and not args.no_compile:  # Inductor writes Triton code on a GPU
+        providers.append("compile")
     missing = sorted({"cuda", "triton"} - set(usable))
     if missing:
         print(f"bench_op_gpu: not available here, skipped: {missing} (build_info: {red_kernels.build_info()})")
@@ -113,7 +134,8 @@ def main() -> None:
     header = f"{'B':>3} {'T':>5} {'H':>5} {'dtype':5} {'copy GB/s':>10} {'floor ms':>9}"
     for name in providers:
         header += f" {name + ' ms':>24} {'GB/s':>6}"
-    print(header + f" {'cuda/floor':>10} {'eager/cuda':>10} {'triton 2nd launch+call us':>25}  targets")
+    print(header + f" {'cuda/floor':>10} {'eager/cuda':>10} {'compile/cuda':>12} {'triton 2nd launch+call us':>25}"
+                   "  targets")
     rows, failed = [], False
     for B, T, H, dtype_name in itertools.product(args.B, args.T, args.H, args.dtypes):
         row = bench(B, T, H, dtype_name, providers)
@@ -124,6 +146,7 @@ def main() -> None:
             line += f" {r['median_ms']:8.3f} [{r['p20_ms']:.3f},{r['p80_ms']:.3f}] {r['GB_per_s']:6.0f}"
         cuda = row.get("cuda", {})
         line += f" {cuda.get('vs_floor', float('nan')):9.2f}x {cuda.get('speedup_vs_eager', float('nan')):9.2f}x"
+        line += f" {cuda.get('speedup_vs_compile', float('nan')):11.2f}x"
         line += f" {row.get('triton', {}).get('rest_of_call_ms', float('nan')) * 1e3:25.1f}"
         met = targets_met(row)
         failed |= met is False

@@ -1,4 +1,6 @@
-"""Timing and result records shared by the CPU benchmark scripts.
+"""Timing and result records of the benchmark scripts that are not on pytest-benchmark
+(bench_align_cpu.py; bench_op_gpu.py and gpu_model.py use only `record`). The CPU op benchmarks
+(test_op_cpu.py, test_grad_cpu.py) use pytest-benchmark's timer and storage instead.
 
 Medians with the 20th and 80th percentiles over repeated calls, and one JSON record per
 run appended to benchmarks/results/<name>.json with the machine and library versions.
@@ -6,7 +8,6 @@ run appended to benchmarks/results/<name>.json with the machine and library vers
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -19,20 +20,6 @@ from typing import Callable
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def cpu_benchmark_args(description: str, repeats: int) -> argparse.Namespace:
-    """The command line of the CPU op benchmarks (--shape B T H, --repeats); exits if the
-    C++ extension is not built."""
-    import red_kernels
-
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", type=int, nargs=3, default=[8, 1024, 2048], metavar=("B", "T", "H"))
-    parser.add_argument("--repeats", type=int, default=repeats)
-    args = parser.parse_args()
-    if "cpu" not in red_kernels.available_backends("cpu"):
-        raise SystemExit(f"{parser.prog}: the C++ extension is not built (run `make install`)")
-    return args
 
 
 def measure(fn: Callable[[], object], repeats: int = 30, warmup: int = 3) -> dict:
