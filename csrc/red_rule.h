@@ -50,4 +50,28 @@ RED_HOST_DEVICE float score_gradient(float grad_score, float grad_reward, float 
   return g;
 }
 
+// Packed sequences (SPEC.md section 5): slot i holds packed tokens [cu[i], cu[i+1]), of which the first
+// seq_lens[i] are real; a token at position t of its slot follows the rules above with the slot's start.
+// The slot holding packed token j: the i with cu[i] <= j < cu[i+1] (empty slots hold nothing), found as the
+// number of slot ends cu[1..N] that are <= j; N when j lies past the last slot (padding).
+RED_HOST_DEVICE int64_t slot_of(const int64_t* cu, int64_t N, int64_t j) {
+  int64_t lo = 0, hi = N;  // the answer lies in [lo, hi]
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (cu[mid + 1] <= j) {
+      lo = mid + 1;
+    } else {
+      hi = mid;
+    }
+  }
+  return lo;
+}
+
+// A sequence's first token here, whose baseline (if any) is carried from the previous rank: prev_scores[i],
+// NaN when there is none. (Within a sequence, token_reward applies with valid_prev = true.)
+RED_HOST_DEVICE float first_token_reward(float score, float carried, bool valid, int64_t start) {
+  if (!is_response(valid, 0, start)) return 0.0f;
+  return carried == carried ? score - carried : score;
+}
+
 }  // namespace red_kernels

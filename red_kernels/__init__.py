@@ -11,12 +11,12 @@ import torch
 from red_kernels import _library
 from red_kernels.align import CrossTokenizerRewards, redistribute_across_tokenizers
 from red_kernels.head import ScoreHead
-from red_kernels.op import BACKENDS, RedistributeOutput, available_backends, redistribute
+from red_kernels.op import BACKENDS, RedistributeOutput, available_backends, redistribute, redistribute_varlen
 
 __version__ = "0.1.0"
 
 __all__ = ["BACKENDS", "RedistributeOutput", "ScoreHead", "available_backends", "build_info", "redistribute",
-           "__version__"]
+           "redistribute_varlen", "__version__"]
 __all__ += ["CrossTokenizerRewards", "redistribute_across_tokenizers"]
 
 

@@ -311,3 +311,234 @@ def op_pair(backend: str):
     """The forward and backward ops of a fused backend, as torch.ops callables."""
     forward, backward = op_names(backend)
     return getattr(torch.ops.red_kernels, forward), getattr(torch.ops.red_kernels, backward)
+
+
+# ---------------------------------------------------------------------------------------------
+# Packed sequences (SPEC.md section 5)
+
+VARLEN_LAYOUTS = ["TH", "1TH", "T1H"]  # [T, H]; [1, T, H] (flash-attn / verl); [T, 1, H] (Megatron, sequence-first)
+
+
+@dataclasses.dataclass
+class VarlenCase:
+    lengths: tuple  # slot lengths; 0 is an empty slot
+    H: int
+    dtype: str = "f32"
+    layout: str = "TH"
+    in_slot: bool = False  # seq_lens shorter than the slots (Megatron's cu_seqlens_padded)
+    tail: int = 0  # padding tokens past cu_seqlens[-1]
+    start: str = "tensor"  # "int" | "tensor" (tensor includes values outside [0, len])
+    baseline: str = "prompt"
+    bias: str = "float"
+    carried: bool = False  # prev_scores given (some NaN)
+    index_dtype: str = "int32"
+    seed: int = 0
+
+    @property
+    def id(self) -> str:
+        n = len(self.lengths)
+        shape = "-".join(map(str, self.lengths)) if n <= 6 else f"N{n}"
+        return (f"{shape}-H{self.H}-{self.dtype}-{self.layout}{'-inslot' if self.in_slot else ''}"
+                f"{f'-tail{self.tail}' if self.tail else ''}-start_{self.start}-{self.baseline}-bias_{self.bias}"
+                f"{'-carried' if self.carried else ''}-{self.index_dtype}")
+
+
+def varlen_cases() -> list[VarlenCase]:
+    """Awkward packs x dtypes; the other axes cycle so each value meets many packs."""
+    packs = [((1,), 1), ((5,), 7), ((3, 0, 9, 1), 123), ((17, 4, 0, 0, 30), 64), ((2, 61), 4097),
+             ((1,) * 40, 5), ((33, 1, 7), 136)]
+    cycle = itertools.cycle(itertools.product(VARLEN_LAYOUTS, [False, True], [0, 3], ["int", "tensor"],
+                                              ["prompt", "zero"], ["none", "float", "tensor"], [False, True],
+                                              ["int32", "int64"]))
+    cases = []
+    for seed, ((lengths, H), dtype) in enumerate(itertools.product(packs, DTYPES)):
+        layout, in_slot, tail, start, baseline, bias, carried, index_dtype = next(cycle)
+        cases.append(VarlenCase(lengths, H, dtype=dtype, layout=layout, in_slot=in_slot, tail=tail, start=start,
+                                baseline=baseline, bias=bias, carried=carried, index_dtype=index_dtype,
+                                seed=500 + seed))
+    return cases
+
+
+def make_varlen_inputs(case: VarlenCase) -> dict:
+    g = torch.Generator().manual_seed(2000 + case.seed)
+    lengths = torch.tensor(case.lengths, dtype=torch.int64)
+    N = len(case.lengths)
+    cu = torch.zeros(N + 1, dtype=torch.int64)
+    cu[1:] = lengths.cumsum(0)
+    total = int(cu[-1]) + case.tail
+    dtype = DTYPES[case.dtype]
+    H = case.H
+    if case.layout == "TH":  # rows 2H apart: a view that is not contiguous
+        hidden = torch.randn(total, 2 * H, generator=g).to(dtype)[:, :H]
+    elif case.layout == "1TH":
+        hidden = torch.randn(1, total, H, generator=g).to(dtype)
+    else:
+        hidden = torch.randn(total, 1, H, generator=g).to(dtype)
+    seq_lens = None
+    if case.in_slot:
+        seq_lens = (lengths.double() * torch.rand(N, generator=g)).round().long()
+        seq_lens[lengths > 0] = torch.maximum(seq_lens[lengths > 0], torch.ones(1, dtype=torch.int64))
+        if N > 1:
+            seq_lens[-1] = 0 if lengths[-1] > 0 and N % 2 else seq_lens[-1]
+        seq_lens = seq_lens.to(getattr(torch, case.index_dtype))
+    real = lengths if seq_lens is None else seq_lens.long()
+    if case.start == "int":
+        start = int(torch.randint(0, int(real.max()) + 1 if N else 1, (), generator=g))
+    else:
+        start = (torch.rand(N, generator=g) * (real.double() + 1)).floor().long()
+        if N > 0:
+            start[0] = -3  # clamped to 0
+        if N > 1:
+            start[1] = int(real[1]) + 5  # clamped to the length: no response tokens
+    prev_scores = None
+    if case.carried:
+        prev_scores = torch.randn(N, generator=g)
+        prev_scores[1::2] = float("nan")
+    weight = torch.randn(H, generator=g) / H ** 0.5
+    bias = {"none": None, "float": 0.25, "tensor": torch.randn(1, generator=g)}[case.bias]
+    return dict(hidden=hidden, weight=weight, bias=bias, cu_seqlens=cu.to(getattr(torch, case.index_dtype)),
+                seq_lens=seq_lens, response_start=start, prev_scores=prev_scores, baseline=case.baseline)
+
+
+def _varlen_reference_args(inputs: dict, dtype=torch.float64) -> tuple:
+    from red_kernels.op import flatten_packed
+
+    hidden = flatten_packed(inputs["hidden"])
+    cu = inputs["cu_seqlens"].long()
+    N = cu.shape[0] - 1
+    lens = cu[1:] - cu[:-1] if inputs["seq_lens"] is None else inputs["seq_lens"].long()
+    start = inputs["response_start"]
+    start = start.long() if isinstance(start, torch.Tensor) else torch.full((N,), start)
+    bias = inputs["bias"]
+    bias = None if bias is None else torch.as_tensor(bias, dtype=dtype).reshape(1)
+    prev = inputs["prev_scores"]
+    return hidden, inputs["weight"].reshape(-1), bias, cu, lens, start, prev, inputs["baseline"] == "zero"
+
+
+def varlen_expected(inputs: dict) -> tuple[torch.Tensor, ...]:
+    """Section 5 in float64, and each token's accumulation scale sum_h |x*w| + |bias|."""
+    from red_kernels.reference import redistribute_varlen_reference
+
+    args = _varlen_reference_args(inputs)
+    outputs = redistribute_varlen_reference(*args, compute_dtype=torch.float64)
+    hidden, weight, bias = args[:3]
+    scale = hidden.double().abs() @ weight.double().abs()
+    if bias is not None:
+        scale = scale + bias.abs()
+    return (*outputs, scale)
+
+
+def assert_varlen_matches(out, inputs: dict) -> None:
+    """Varlen kernel outputs versus the float64 spec, within float32 accumulation error."""
+    scores, rewards, token_rewards, last_index, scale = varlen_expected(inputs)
+    (T,), (N,) = scores.shape, rewards.shape
+    assert out.scores.dtype == torch.float32 and out.scores.shape == (T,)
+    assert out.rewards.dtype == torch.float32 and out.rewards.shape == (N,)
+    assert out.token_rewards.dtype == torch.float32 and out.token_rewards.shape == (T,)
+    assert out.last_index.dtype == torch.int64 and out.last_index.shape == (N,)
+    for name, tensor in out._asdict().items():
+        assert torch.isfinite(tensor.double()).all(), f"{name} has non-finite values (an unwritten element?)"
+    tol = ACCUMULATION_ULPS * EPS32 * scale + 1e-30
+    # The previous token's bound, or the carried baseline's float32 rounding at a sequence's first token.
+    tol_prev = torch.nn.functional.pad(tol[:-1], (1, 0))
+    if inputs["prev_scores"] is not None:
+        tol_prev = tol_prev + EPS32 * inputs["prev_scores"].double().abs().nan_to_num().max()
+    torch.testing.assert_close(out.last_index.cpu(), last_index, rtol=0, atol=0)
+    assert_within("scores", out.scores.cpu(), scores, tol)
+    assert_within("token_rewards", out.token_rewards.cpu(), token_rewards, tol + tol_prev)
+    reward_tol = tol[last_index.clamp(min=0)] if T else rewards.new_zeros(N)
+    assert_within("rewards", out.rewards.cpu(), rewards, reward_tol + 1e-30)
+
+
+def redistribute_varlen_op(hidden, weight, bias, inputs: dict, backend: str, prev_scores="inputs"):
+    import red_kernels
+
+    return red_kernels.redistribute_varlen(
+        hidden, weight, bias, cu_seqlens=inputs["cu_seqlens"], response_start=inputs["response_start"],
+        seq_lens=inputs["seq_lens"], prev_scores=inputs["prev_scores"] if prev_scores == "inputs" else prev_scores,
+        baseline=inputs["baseline"], backend=backend)
+
+
+def assert_varlen_gradients_match(case: VarlenCase, backend: str, device="cpu", inputs: dict | None = None) -> None:
+    """The varlen op's gradients (hidden, weight, bias, prev_scores) on ``device`` versus autograd through the
+    float64 reference, with the bounds of `assert_gradients_match`."""
+    from red_kernels.reference import redistribute_varlen_reference
+
+    inputs = make_varlen_inputs(case) if inputs is None else inputs
+    hidden_in = inputs["hidden"]
+    T, N = hidden_in.numel() // case.H, len(case.lengths)
+    generator = torch.Generator().manual_seed(case.seed)
+    upstream = (torch.randn(T, generator=generator), torch.randn(N, generator=generator),
+                torch.randn(T, generator=generator))
+    on_device = {name: to_device(value, device) for name, value in inputs.items()}
+    hidden = on_device["hidden"].detach().requires_grad_()
+    weight = on_device["weight"].detach().clone().requires_grad_()
+    bias = on_device["bias"]
+    if isinstance(bias, torch.Tensor):
+        bias = bias.detach().clone().requires_grad_()
+    prev = on_device["prev_scores"]
+    if prev is not None:
+        prev = prev.detach().clone().requires_grad_()
+    out = redistribute_varlen_op(hidden, weight, bias, on_device, backend, prev_scores=prev)
+    weighted_loss(out, upstream).backward()
+
+    args = list(_varlen_reference_args(inputs))
+    leaves = [args[0].detach().double().requires_grad_(), args[1].detach().double().requires_grad_()]
+    args[0], args[1] = leaves
+    if args[2] is not None:
+        args[2] = args[2].detach().requires_grad_()
+        leaves.append(args[2])
+    if args[6] is not None:
+        args[6] = args[6].detach().double().requires_grad_()
+        leaves.append(args[6])
+    want = torch.autograd.grad(weighted_loss(redistribute_varlen_reference(*args, compute_dtype=torch.float64),
+                                             upstream), leaves)
+    want_hidden, want_weight = want[0], want[1]
+
+    from red_kernels.op import flatten_packed
+
+    assert hidden.grad.dtype == hidden.dtype and hidden.grad.shape == hidden.shape
+    grad_hidden = flatten_packed(hidden.grad).cpu()
+    valid = _varlen_valid(inputs).double()
+    g_bound = valid * (upstream[0].abs() + upstream[2].abs() + torch.nn.functional.pad(upstream[2].abs()[1:], (0, 1))
+                       + _varlen_reward_bound(inputs, upstream[1])).double()
+    tol_hidden = (4 * EPS32 * g_bound[:, None] * inputs["weight"].double().abs()
+                  + output_rounding(hidden.dtype, backend, device) * want_hidden.abs()
+                  + (2.0**-24 if hidden.dtype == torch.float16 else 0.0))
+    assert_within("grad_hidden", grad_hidden, want_hidden, tol_hidden)
+    assert (grad_hidden[valid == 0] == 0).all(), "gradient flowed into padding"
+    x_abs = args[0].detach().double().abs()
+    tol_weight = ACCUMULATION_ULPS * EPS32 * (g_bound @ x_abs) + 1e-30
+    assert_within("grad_weight", weight.grad.cpu().reshape(-1), want_weight, tol_weight)
+    k = 2
+    if isinstance(bias, torch.Tensor):
+        tol_bias = ACCUMULATION_ULPS * EPS32 * g_bound.sum().reshape(1) + 1e-30
+        assert_within("grad_bias", bias.grad.cpu().reshape(1), want[k], tol_bias)
+        k += 1
+    if prev is not None:
+        # -grad_token_rewards at a first token, exactly (no arithmetic but a negation).
+        assert_within("grad_prev_scores", prev.grad.cpu(), want[k], torch.zeros(N, dtype=torch.float64))
+
+
+def _varlen_valid(inputs: dict) -> torch.Tensor:
+    """[T] bool: the real tokens of a varlen case."""
+    from red_kernels.reference import sequence_of_tokens
+
+    hidden, _, _, cu, lens, *_ = _varlen_reference_args(inputs)
+    T, N = hidden.shape[0], lens.shape[0]
+    sequence = sequence_of_tokens(cu, T)
+    inside = sequence < N
+    seq = sequence.clamp(max=max(N - 1, 0))
+    if N == 0:
+        return torch.zeros(T, dtype=torch.bool)
+    return inside & (torch.arange(T) - cu[seq] < lens[seq])
+
+
+def _varlen_reward_bound(inputs: dict, grad_rewards: torch.Tensor) -> torch.Tensor:
+    """[T]: |grad_rewards[i]| at sequence i's last real token, 0 elsewhere."""
+    last = varlen_expected(inputs)[3]
+    T = _varlen_valid(inputs).shape[0]
+    bound = torch.zeros(T, dtype=torch.float64)
+    keep = last >= 0
+    bound[last[keep]] = grad_rewards.double().abs()[keep]
+    return bound

@@ -144,3 +144,128 @@ if TRITON_VERSION is not None:
     redistribute_triton.register_autograd(
         _make_backward("redistribute_triton_backward"), setup_context=_setup_context
     )
+
+
+# ---------------------------------------------------------------------------------------
+# Packed sequences (SPEC.md section 5): the same layers for redistribute_varlen. Inputs reach the kernels
+# normalised by `red_kernels.op.redistribute_varlen`: hidden [T, H] with unit innermost stride, weight and
+# bias as above, cu_seqlens int64 [N+1] and seq_lens int64 [N] contiguous and validated (0 first,
+# non-decreasing, within hidden; 0 <= seq_lens <= slot), start int64 [N] (clamped by the kernels to
+# [0, seq_lens]), prev_scores float32 [N] or None (NaN: no carried baseline).
+#
+#   red_kernels::redistribute_varlen(Tensor hidden, Tensor weight, Tensor? bias, Tensor cu_seqlens,
+#       Tensor seq_lens, Tensor start, Tensor? prev_scores, bool baseline_zero)
+#       -> (Tensor scores [T], Tensor rewards [N], Tensor token_rewards [T], Tensor last_index [N])
+#   red_kernels::redistribute_varlen_backward(Tensor grad_scores, Tensor grad_rewards,
+#       Tensor grad_token_rewards, Tensor hidden, Tensor weight, Tensor cu_seqlens, Tensor seq_lens,
+#       Tensor start, Tensor last_index, bool baseline_zero, bool[3] output_mask)
+#       -> (Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)
+#
+# The backward kernels need no prev_scores: a carried baseline is an input, not a score of this rank, so
+# its gradient (-grad_token_rewards at the sequence's first token, when that token is in the response and
+# the baseline is not NaN) is taken here, in the autograd function.
+
+HAS_VARLEN_CPU_KERNEL = _C is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+    "red_kernels::redistribute_varlen", "CPU"
+)
+HAS_VARLEN_CUDA_KERNEL = _C is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+    "red_kernels::redistribute_varlen", "CUDA"
+)
+
+
+def _varlen_forward_fake(hidden, weight, bias, cu_seqlens, seq_lens, start, prev_scores, baseline_zero):
+    T = hidden.shape[0]
+    N = seq_lens.shape[0]
+    scores = hidden.new_empty((T,), dtype=torch.float32)
+    rewards = hidden.new_empty((N,), dtype=torch.float32)
+    token_rewards = hidden.new_empty((T,), dtype=torch.float32)
+    last_index = hidden.new_empty((N,), dtype=torch.int64)
+    return scores, rewards, token_rewards, last_index
+
+
+def _varlen_backward_fake(grad_scores, grad_rewards, grad_token_rewards, hidden, weight, cu_seqlens, seq_lens,
+                          start, last_index, baseline_zero, output_mask):
+    return _backward_fake(grad_scores, grad_rewards, grad_token_rewards, hidden, weight, None, start, last_index,
+                          baseline_zero, output_mask)
+
+
+def _varlen_setup_context(ctx, inputs, output):
+    hidden, weight, bias, cu_seqlens, seq_lens, start, prev_scores, baseline_zero = inputs
+    ctx.save_for_backward(hidden, weight, cu_seqlens, seq_lens, start, output[3], prev_scores)
+    ctx.baseline_zero = baseline_zero
+    ctx.has_bias = bias is not None
+
+
+def carried_baseline_gradient(grad_token_rewards, cu_seqlens, seq_lens, start, prev_scores):
+    """d(loss)/d(prev_scores): token_rewards[first] = scores[first] - prev_scores[i] where that token is a
+    response token and the carried baseline is not NaN; 0 elsewhere."""
+    N = seq_lens.shape[0]
+    first = cu_seqlens[:N].clamp(max=max(grad_token_rewards.shape[0] - 1, 0))
+    used = (seq_lens > 0) & (start <= 0) & ~torch.isnan(prev_scores)
+    grad = -grad_token_rewards[first] if grad_token_rewards.numel() else prev_scores.new_zeros(N)
+    return torch.where(used, grad, grad.new_zeros(()))
+
+
+def _make_varlen_backward(backward_name: str):
+    def backward(ctx, grad_scores, grad_rewards, grad_token_rewards, _grad_last_index):
+        hidden, weight, cu_seqlens, seq_lens, start, last_index, prev_scores = ctx.saved_tensors
+        output_mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+                       ctx.needs_input_grad[2] and ctx.has_bias]
+        T, N = hidden.shape[0], seq_lens.shape[0]
+        if grad_scores is None:
+            grad_scores = hidden.new_zeros((T,), dtype=torch.float32)
+        if grad_rewards is None:
+            grad_rewards = hidden.new_zeros((N,), dtype=torch.float32)
+        if grad_token_rewards is None:
+            grad_token_rewards = hidden.new_zeros((T,), dtype=torch.float32)
+        grad_token_rewards = grad_token_rewards.float().contiguous()
+        grad_hidden, grad_weight, grad_bias = getattr(torch.ops.red_kernels, backward_name)(
+            grad_scores.float().contiguous(), grad_rewards.float().contiguous(), grad_token_rewards, hidden,
+            weight, cu_seqlens, seq_lens, start, last_index, ctx.baseline_zero, output_mask,
+        )
+        grad_prev = None
+        if ctx.needs_input_grad[6] and prev_scores is not None:
+            grad_prev = carried_baseline_gradient(grad_token_rewards, cu_seqlens, seq_lens, start, prev_scores)
+        return (grad_hidden if output_mask[0] else None, grad_weight if output_mask[1] else None,
+                grad_bias if output_mask[2] else None, None, None, None, grad_prev, None)
+
+    return backward
+
+
+if _C is not None:
+    torch.library.register_fake("red_kernels::redistribute_varlen")(_varlen_forward_fake)
+    torch.library.register_fake("red_kernels::redistribute_varlen_backward")(_varlen_backward_fake)
+    torch.library.register_autograd(
+        "red_kernels::redistribute_varlen",
+        _make_varlen_backward("redistribute_varlen_backward"),
+        setup_context=_varlen_setup_context,
+    )
+
+if TRITON_VERSION is not None:
+
+    @torch.library.custom_op("red_kernels::redistribute_varlen_triton", mutates_args=())
+    def redistribute_varlen_triton(
+        hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cu_seqlens: torch.Tensor,
+        seq_lens: torch.Tensor, start: torch.Tensor, prev_scores: torch.Tensor | None, baseline_zero: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        from red_kernels.triton_kernels import redistribute_varlen_forward
+
+        return redistribute_varlen_forward(hidden, weight, bias, cu_seqlens, seq_lens, start, prev_scores,
+                                           baseline_zero)
+
+    @torch.library.custom_op("red_kernels::redistribute_varlen_triton_backward", mutates_args=())
+    def redistribute_varlen_triton_backward(
+        grad_scores: torch.Tensor, grad_rewards: torch.Tensor, grad_token_rewards: torch.Tensor,
+        hidden: torch.Tensor, weight: torch.Tensor, cu_seqlens: torch.Tensor, seq_lens: torch.Tensor,
+        start: torch.Tensor, last_index: torch.Tensor, baseline_zero: bool, output_mask: list[bool],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        from red_kernels.triton_kernels import redistribute_varlen_backward
+
+        return redistribute_varlen_backward(grad_scores, grad_rewards, grad_token_rewards, hidden, weight,
+                                            cu_seqlens, seq_lens, start, last_index, baseline_zero, output_mask)
+
+    redistribute_varlen_triton.register_fake(_varlen_forward_fake)
+    redistribute_varlen_triton_backward.register_fake(_varlen_backward_fake)
+    redistribute_varlen_triton.register_autograd(
+        _make_varlen_backward("redistribute_varlen_triton_backward"), setup_context=_varlen_setup_context
+    )

@@ -8,7 +8,7 @@ import math
 import torch
 from torch import nn
 
-from red_kernels.op import RedistributeOutput, redistribute
+from red_kernels.op import RedistributeOutput, redistribute, redistribute_varlen
 
 
 class ScoreHead(nn.Module):
@@ -56,6 +56,23 @@ class ScoreHead(nn.Module):
     ) -> RedistributeOutput:
         return redistribute(hidden, self.weight, self.bias, attention_mask=attention_mask,
                             response_start=response_start, baseline=baseline, backend=backend)
+
+    def forward_varlen(
+        self,
+        hidden: torch.Tensor,
+        *,
+        cu_seqlens: torch.Tensor,
+        response_start: int | torch.Tensor,
+        seq_lens: torch.Tensor | None = None,
+        prev_scores: torch.Tensor | None = None,
+        baseline: str = "prompt",
+        backend: str = "auto",
+    ) -> RedistributeOutput:
+        """The head on packed sequences (`red_kernels.redistribute_varlen`): ``[T, H]``, ``[1, T, H]`` or
+        ``[T, 1, H]`` hidden with ``cu_seqlens``, as a critic with remove-padding or sequence packing holds them."""
+        return redistribute_varlen(hidden, self.weight, self.bias, cu_seqlens=cu_seqlens,
+                                   response_start=response_start, seq_lens=seq_lens, prev_scores=prev_scores,
+                                   baseline=baseline, backend=backend)
 
     def extra_repr(self) -> str:
         return f"hidden_size={self.hidden_size}, bias={self.bias is not None}"

@@ -216,3 +216,176 @@ def _launch(name, hidden, weight, bias, mask, start, baseline_zero):
         return torch.ops.red_kernels.redistribute_triton(hidden, weight, bias, mask, start, baseline_zero)
     # "cpu" and "cuda" are the one C++ op; the dispatcher picks the kernel by device.
     return torch.ops.red_kernels.redistribute(hidden, weight, bias, mask, start, baseline_zero)
+
+
+# ---------------------------------------------------------------------------------------------
+# Packed input (SPEC.md section 5)
+
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def flatten_packed(hidden: torch.Tensor) -> torch.Tensor:
+    """``[T, H]``, ``[1, T, H]`` or ``[T, 1, H]`` as a ``[T, H]`` view (no copy); ValueError otherwise."""
+    if hidden.dim() == 2:
+        return hidden
+    if hidden.dim() == 3 and hidden.shape[0] == 1:
+        return hidden[0]
+    if hidden.dim() == 3 and hidden.shape[1] == 1:
+        return hidden[:, 0]
+    raise ValueError(f"hidden: expected packed tokens [T, H], [1, T, H] or [T, 1, H], got {_describe(hidden)}")
+
+
+def _check_index_vector(name: str, x, length: int | None, what: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected an int32 or int64 tensor {what}, got {_describe(x)}")
+    if x.dtype not in INDEX_DTYPES:
+        raise TypeError(f"{name}: expected dtype int32 or int64 {what}, got {_describe(x)}")
+    if x.dim() != 1 or (length is not None and x.shape[0] != length):
+        raise ValueError(f"{name}: expected shape {what}, got {_describe(x)}")
+
+
+def _check_varlen_inputs(hidden, weight, bias, cu_seqlens, response_start, seq_lens, prev_scores, baseline,
+                         backend) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every rule of section 5; returns the flattened hidden and the offsets and lengths as int64 tensors.
+
+    Offsets and lengths are read on the host (one small copy each): a bad offset must fail before a kernel
+    indexes with it, and it cannot be clamped into meaning.
+    """
+    for name, value in (("hidden", hidden), ("weight", weight), ("bias", bias), ("cu_seqlens", cu_seqlens),
+                        ("response_start", response_start), ("seq_lens", seq_lens), ("prev_scores", prev_scores)):
+        check_strided(name, value)
+    if not isinstance(hidden, torch.Tensor):
+        raise TypeError(f"hidden: expected a tensor [T, H], [1, T, H] or [T, 1, H], got {_describe(hidden)}")
+    if hidden.dtype not in HIDDEN_DTYPES:
+        raise TypeError(f"hidden: expected dtype float32, bfloat16 or float16, got {_describe(hidden)}")
+    flat = flatten_packed(hidden)
+    total, H = flat.shape
+    if H < 1:
+        raise ValueError(f"hidden: expected H >= 1, got {_describe(hidden)}")
+    device = hidden.device
+    # The head checks are section 2's: reuse them on a [1, T, H] view with a matching mask.
+    _check_inputs(flat.unsqueeze(0) if total else flat.new_empty((1, 1, H)), weight, bias,
+                  torch.ones((1, max(total, 1)), dtype=torch.bool, device=device), 0, baseline, backend)
+
+    _check_index_vector("cu_seqlens", cu_seqlens, None, "[N + 1]")
+    if cu_seqlens.shape[0] < 1:
+        raise ValueError(f"cu_seqlens: expected [N + 1] offsets (at least one), got {_describe(cu_seqlens)}")
+    N = cu_seqlens.shape[0] - 1
+    if seq_lens is not None:
+        _check_index_vector("seq_lens", seq_lens, N, f"[{N}] (one per sequence of cu_seqlens)")
+    if isinstance(response_start, torch.Tensor):
+        if response_start.dtype == torch.bool or response_start.is_floating_point() or response_start.is_complex():
+            raise TypeError(f"response_start: expected an integer tensor [{N}], got {_describe(response_start)}")
+        if tuple(response_start.shape) != (N,):
+            raise ValueError(f"response_start: expected shape [{N}] (one per sequence), got "
+                             f"{_describe(response_start)}")
+    elif _is_int(response_start):
+        if response_start < 0:
+            raise ValueError(f"response_start: expected an int >= 0 (relative to each sequence's start), "
+                             f"got {response_start}")
+    else:
+        raise TypeError(f"response_start: expected an int or an integer tensor [{N}], got "
+                        f"{_describe(response_start)}")
+    if prev_scores is not None:
+        if not isinstance(prev_scores, torch.Tensor) or not prev_scores.is_floating_point():
+            raise TypeError(f"prev_scores: expected None or a floating-point tensor [{N}], got "
+                            f"{_describe(prev_scores)}")
+        if tuple(prev_scores.shape) != (N,):
+            raise ValueError(f"prev_scores: expected shape [{N}] (one per sequence), got {_describe(prev_scores)}")
+    for name, value in (("cu_seqlens", cu_seqlens), ("seq_lens", seq_lens), ("response_start", response_start),
+                        ("prev_scores", prev_scores)):
+        if isinstance(value, torch.Tensor) and value.device != device:
+            raise ValueError(f"{name} is on {value.device}, hidden on {device}: all tensors must be on one device "
+                             f"({name}: {_describe(value)})")
+
+    cu = cu_seqlens.to(torch.int64)
+    host = cu.cpu()
+    if host[0] != 0:
+        raise ValueError(f"cu_seqlens: expected the first offset to be 0, got {int(host[0])}")
+    steps = host[1:] - host[:-1]
+    if (steps < 0).any():
+        i = int((steps < 0).nonzero()[0])
+        raise ValueError(f"cu_seqlens: expected non-decreasing offsets, got cu_seqlens[{i}] = {int(host[i])} > "
+                         f"cu_seqlens[{i + 1}] = {int(host[i + 1])}")
+    if host[-1] > total:
+        raise ValueError(f"cu_seqlens: the last offset {int(host[-1])} passes the end of hidden's {total} tokens")
+    if seq_lens is None:
+        lens = cu[1:] - cu[:-1]
+    else:
+        lens = seq_lens.to(torch.int64)
+        host_lens = lens.cpu()
+        bad = (host_lens < 0) | (host_lens > steps)
+        if bad.any():
+            i = int(bad.nonzero()[0])
+            raise ValueError(f"seq_lens: expected 0 <= seq_lens[i] <= the slot's length, got seq_lens[{i}] = "
+                             f"{int(host_lens[i])} for a slot of {int(steps[i])} tokens")
+    return flat, cu.contiguous(), lens.contiguous()
+
+
+def redistribute_varlen(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | float | None = None,
+    *,
+    cu_seqlens: torch.Tensor,
+    response_start: int | torch.Tensor,
+    seq_lens: torch.Tensor | None = None,
+    prev_scores: torch.Tensor | None = None,
+    baseline: str = "prompt",
+    backend: str = "auto",
+) -> RedistributeOutput:
+    """`redistribute` on packed sequences (SPEC.md section 5): flash-attn / verl / Megatron layouts.
+
+    ``hidden`` is ``[T, H]``, ``[1, T, H]`` or ``[T, 1, H]`` (flattened to ``[T, H]`` without a copy).
+    Sequence ``i`` occupies slot ``[cu_seqlens[i], cu_seqlens[i+1])``, int32 or int64 ``[N+1]`` starting at 0;
+    tokens past ``cu_seqlens[-1]`` are padding. ``seq_lens`` (``[N]``, default the whole slot) counts the real
+    tokens at the start of each slot (Megatron's in-slot padding). ``response_start`` (an int, or ``[N]``) is
+    relative to each sequence's start, clamped to ``[0, seq_len]``.
+
+    ``prev_scores`` (``[N]``, float) is for sequences split across ranks: ``prev_scores[i]`` is the baseline
+    of sequence ``i``'s first token here, i.e. the score of the token just before it on the previous rank,
+    or NaN when there is none (the sequence starts here, or, under ``baseline="zero"``, that token is a
+    prompt token). `red_kernels.distributed` fills it. It is differentiable, so gradients flow back across ranks.
+
+    Returns ``scores`` and ``token_rewards`` ``[T]`` (0 at padding), ``rewards`` and ``last_index`` ``[N]``
+    (``last_index`` is the packed position of the sequence's last real token, -1 for an empty sequence).
+    Offsets and lengths are checked on the host (one small device-to-host copy).
+    """
+    flat, cu, lens = _check_varlen_inputs(hidden, weight, bias, cu_seqlens, response_start, seq_lens, prev_scores,
+                                          baseline, backend)
+    name = resolve_backend(backend, hidden.device)
+    total, H = flat.shape
+    N = lens.shape[0]
+    device = hidden.device
+    if flat.stride(-1) != 1:
+        flat = flat.contiguous()
+    weight32 = weight.reshape(H).to(torch.float32).contiguous()
+    if isinstance(bias, torch.Tensor):
+        bias32 = bias.reshape(1).to(torch.float32)
+    elif bias is not None:
+        bias32 = torch.full((1,), float(bias), dtype=torch.float32, device=device)
+    else:
+        bias32 = None
+    if isinstance(response_start, torch.Tensor):
+        start = response_start.to(torch.int64).contiguous()
+        if response_start.dtype == torch.uint64:  # see redistribute: a value >= 2^63 lies past every length
+            start = torch.where(start < 0, torch.iinfo(torch.int64).max, start)
+    else:
+        start = torch.full((N,), response_start, dtype=torch.int64, device=device)
+    prev32 = None if prev_scores is None else prev_scores.to(torch.float32).contiguous()
+    baseline_zero = baseline == "zero"
+    if N == 0 or total == 0:
+        name = "eager"
+    return RedistributeOutput(*_launch_varlen(name, flat, weight32, bias32, cu, lens, start, prev32,
+                                              baseline_zero))
+
+
+def _launch_varlen(name, hidden, weight, bias, cu_seqlens, seq_lens, start, prev_scores, baseline_zero):
+    if name == "eager":
+        from red_kernels.reference import redistribute_varlen_reference
+
+        return redistribute_varlen_reference(hidden, weight, bias, cu_seqlens, seq_lens, start, prev_scores,
+                                             baseline_zero)
+    op = torch.ops.red_kernels.redistribute_varlen_triton if name == "triton" else \
+        torch.ops.red_kernels.redistribute_varlen
+    return op(hidden, weight, bias, cu_seqlens, seq_lens, start, prev_scores, baseline_zero)

@@ -60,3 +60,69 @@ def redistribute_reference(
     baseline = torch.where(previous_counts, previous_score, previous_score.new_zeros(()))
     token_rewards = torch.where(in_response, scores - baseline, scores.new_zeros(()))
     return scores, rewards, token_rewards, last_index
+
+
+def sequence_of_tokens(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """For each of ``total`` packed tokens, the index of the slot that holds it (``N`` past the last slot)."""
+    positions = torch.arange(total, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+    return torch.searchsorted(cu_seqlens[1:].contiguous(), positions, right=True)
+
+
+def redistribute_varlen_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    cu_seqlens: torch.Tensor,
+    seq_lens: torch.Tensor,
+    response_start: torch.Tensor,
+    prev_scores: torch.Tensor | None,
+    baseline_zero: bool,
+    compute_dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SPEC.md section 5 on packed tokens: ``hidden`` ``[T_local, H]``, ``cu_seqlens`` ``[N+1]`` slot offsets
+    (validated), ``seq_lens`` ``[N]`` real tokens at the start of each slot (validated), ``response_start``
+    ``[N]`` relative to each sequence's start (clamped to ``[0, seq_lens]``), ``prev_scores`` None or ``[N]``
+    (NaN: no carried baseline). Differentiable in hidden, weight, bias and prev_scores.
+
+    Each packed token gets section 2's rule with t its position in its slot; the first token of a sequence
+    takes ``prev_scores[i]`` as its previous score when that is not NaN.
+    """
+    total = hidden.shape[0]
+    N = seq_lens.shape[0]
+    device = hidden.device
+    cu = cu_seqlens.to(torch.int64)
+    lens = seq_lens.to(torch.int64)
+    sequence = sequence_of_tokens(cu, total)
+    inside = sequence < N
+    seq = sequence.clamp(max=max(N - 1, 0))
+    if N == 0:
+        position = torch.zeros(total, dtype=torch.int64, device=device)
+        valid = torch.zeros(total, dtype=torch.bool, device=device)
+        start = position
+    else:
+        position = torch.arange(total, device=device) - cu[seq]
+        valid = inside & (position < lens[seq])
+        start = torch.minimum(response_start.to(torch.int64).clamp(min=0), lens)[seq]
+
+    real_hidden = _copy_with_strides(hidden.to(compute_dtype)).masked_fill_(~valid.unsqueeze(-1), 0)
+    scores = real_hidden @ weight.to(compute_dtype).reshape(-1)
+    if bias is not None:
+        scores = scores + bias.to(compute_dtype).reshape(())
+    scores = torch.where(valid, scores, scores.new_zeros(()))
+
+    has_token = lens > 0
+    last_index = torch.where(has_token, cu[:-1] + lens - 1, -1)
+    gathered = scores[last_index.clamp(min=0)] if total > 0 else scores.new_zeros(N)
+    rewards = torch.where(has_token, gathered, gathered.new_zeros(()))
+
+    in_response = valid & (position >= start)
+    previous_score = F.pad(scores[:-1], (1, 0))
+    # Token t-1 is in the same sequence exactly when t is not its sequence's first token.
+    previous_counts = (position >= 1) & ((position - 1 >= start) | (not baseline_zero))
+    baseline = torch.where(previous_counts, previous_score, previous_score.new_zeros(()))
+    if prev_scores is not None and N > 0:
+        carried = prev_scores.to(compute_dtype)[seq]
+        use_carried = (position == 0) & ~torch.isnan(carried)
+        baseline = torch.where(use_carried, carried, baseline)
+    token_rewards = torch.where(in_response, scores - baseline, scores.new_zeros(()))
+    return scores, rewards, token_rewards, last_index

@@ -28,3 +28,13 @@ from red_kernels._cases import (  # noqa: F401
     upstream_gradients,
     weighted_loss,
 )
+from red_kernels._cases import (  # noqa: F401
+    VARLEN_LAYOUTS,
+    VarlenCase,
+    assert_varlen_gradients_match,
+    assert_varlen_matches,
+    make_varlen_inputs,
+    redistribute_varlen_op,
+    varlen_cases,
+    varlen_expected,
+)
