@@ -62,6 +62,19 @@ def redistribute_reference(
     return scores, rewards, token_rewards, last_index
 
 
+def row_dot(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``rows @ weight`` for ``rows`` ``[..., H]``, summed in a fixed pairwise order, so that a token's score does
+    not depend on how many tokens share the call: a sequence-parallel shard scores its tokens bit for bit as the
+    whole batch does (a matrix-vector product blocks rows, and splits H across threads when T is small)."""
+    products = rows * weight
+    width = 1 << max(products.shape[-1] - 1, 0).bit_length()
+    products = F.pad(products, (0, width - products.shape[-1]))
+    while width > 1:
+        width //= 2
+        products = products[..., :width] + products[..., width:]
+    return products[..., 0]
+
+
 def sequence_of_tokens(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
     """For each of ``total`` packed tokens, the index of the slot that holds it (``N`` past the last slot)."""
     positions = torch.arange(total, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
@@ -105,7 +118,7 @@ def redistribute_varlen_reference(
         start = torch.minimum(response_start.to(torch.int64).clamp(min=0), lens)[seq]
 
     real_hidden = _copy_with_strides(hidden.to(compute_dtype)).masked_fill_(~valid.unsqueeze(-1), 0)
-    scores = real_hidden @ weight.to(compute_dtype).reshape(-1)
+    scores = row_dot(real_hidden, weight.to(compute_dtype).reshape(-1))
     if bias is not None:
         scores = scores + bias.to(compute_dtype).reshape(())
     scores = torch.where(valid, scores, scores.new_zeros(()))
