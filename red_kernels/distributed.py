@@ -18,18 +18,26 @@ back to the rank that scored it (one all_reduce of one float per rank), so gradi
 are those of the single-process op; each rank's weight and bias gradients are its shard's share, to be summed
 over the group as data parallelism already does (FSDP/DDP/Megatron's gradient reduction).
 
-verl, Ulysses (``ulysses_sequence_parallel_size > 1``, ``use_remove_padding``): verl unpads with flash-attn
-(``cu_seqlens`` int32, identical on every rank), pads ``nnz`` to a multiple of the group size and slices
-``[1, nnz_padded / sp]`` per rank; pass that slice's hidden states and the unpadded ``cu_seqlens``::
+verl, Ulysses (``ulysses_sequence_parallel_size > 1`` with ``use_remove_padding``): the micro-batch is unpadded
+with flash-attn's ``unpad_input`` (which returns ``cu_seqlens``, int32, the same on every rank), then
+``ulysses_pad_and_slice_inputs`` pads ``nnz`` to a multiple of ``sp`` and gives each rank ``[1, nnz_padded / sp]``
+tokens. Run the reward model on the slice and pass its last hidden states, the unpadded ``cu_seqlens`` and each
+sequence's number of real prompt tokens (left-padded prompts: ``attention_mask[:, :prompt_len].sum(-1)``)::
 
-    out = redistribute_sequence_parallel(hidden_shard, head.weight, head.bias, cu_seqlens=cu_seqlens,
-                                         response_start=prompt_lengths, group=get_ulysses_sequence_parallel_group(),
-                                         shard_lengths=[hidden_shard.shape[1]] * sp_size)
-    # out.token_rewards: this rank's [nnz_padded / sp]; the padded tail gets 0.
+    from verl.utils.ulysses import get_ulysses_sequence_parallel_group, get_ulysses_sequence_parallel_world_size
+    sp = get_ulysses_sequence_parallel_world_size()
+    out = redistribute_sequence_parallel(
+        hidden_shard, score_head.weight, score_head.bias, cu_seqlens=cu_seqlens,
+        response_start=attention_mask[:, :prompt_len].sum(-1), group=get_ulysses_sequence_parallel_group(),
+        shard_lengths=[hidden_shard.shape[1]] * sp)  # equal shards: no all_gather of the lengths
+    # out.token_rewards: this rank's [nnz_padded / sp] tokens (0 on the padded tail); gather them the way verl
+    # gathers the values (gather_outpus_and_unpad) and scatter back to [B, T] with the unpad indices.
 
-Megatron context parallelism splits every sequence into 2 * cp chunks with a load-balancing permutation,
-so a rank's tokens are not one contiguous slice: un-permute to contiguous slices first (or gather the scores),
-as this function needs each rank's tokens to follow the previous rank's in the packed order.
+OpenRLHF's ring attention packs the batch and gives each rank of the ring group a contiguous slice of the
+packed tokens: the same call, with ``group`` the ring group. Megatron / NeMo-RL context parallelism instead
+splits every sequence into ``2 * cp`` chunks and gives rank ``r`` chunks ``r`` and ``2 * cp - 1 - r`` (load
+balancing), so a rank's tokens are not one contiguous slice of the packed batch: this function does not apply
+to that layout as is (gather the scores over the CP group, or undo the permutation into contiguous shards).
 """
 
 from __future__ import annotations
