@@ -168,8 +168,11 @@ def redistribute_sequence_parallel(
     owner = max((q for q in range(rank) if lengths[q] > 0), default=0)
     if tokens:
         # The last token's score, scored as the shard scores it (one token: its own score does not depend on it).
+        # A padding token scores 0 and is not read, so NaN there reaches no gradient (SPEC section 2).
+        position = offset + tokens - 1
+        real = ((first <= position) & (position < first + lens)).any().to(torch.int64).reshape(1)
         tail = redistribute_varlen(flat[tokens - 1:], weight, bias, cu_seqlens=torch.tensor([0, 1], device=device),
-                                   response_start=0, backend=backend).scores
+                                   seq_lens=real, response_start=0, backend=backend).scores
     else:
         tail = redistribute_varlen(flat, weight, bias, cu_seqlens=torch.zeros(1, dtype=torch.int64, device=device),
                                    response_start=0, backend=backend).scores

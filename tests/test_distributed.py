@@ -43,6 +43,10 @@ def make_batch(layout, tail: int, dtype: torch.dtype, seed: int):
     total = int(cu[-1]) + tail
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(total, 37, generator=g).to(dtype)
+    real = torch.zeros(total, dtype=torch.bool)
+    for a, n in zip(cu[:-1].tolist(), seq_lens.tolist()):
+        real[a:a + n] = True
+    hidden[~real] = float("nan")  # padding is never read: NaN there reaches no output and no gradient
     weight = torch.randn(37, generator=g)
     bias = torch.randn(1, generator=g)
     return hidden, weight, bias, cu, seq_lens, start
