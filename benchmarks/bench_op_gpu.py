@@ -4,6 +4,8 @@ For B in {8, 32}, T in {1024, 4096}, H in {2048, 4096, 8192}, bfloat16 and float
 side in one run (triton.testing.do_bench: L2 flushed before every call, median with the 20th
 and 80th percentiles):
   cuda    red_kernels.redistribute(..., backend="cuda"), the whole public call
+  cuda_varlen  red_kernels.redistribute_varlen(..., backend="cuda") on the same tokens packed: hidden as
+          [B * T, H], one slot of T per row (the whole public call, its host check of the offsets included)
   triton  red_kernels.redistribute(..., backend="triton")
   eager   red_kernels.redistribute(..., backend="eager"), the plain PyTorch reference
   compile red_kernels.reference.redistribute_reference through torch.compile(dynamic=False) on
@@ -60,11 +62,16 @@ def bench(B: int, T: int, H: int, dtype_name: str, providers: list[str]) -> dict
     mask = torch.ones(B, T, device="cuda", dtype=torch.uint8)
     start = torch.full((B,), T // 4, device="cuda", dtype=torch.int64)
     copy_target = torch.empty_like(hidden)
+    cu_seqlens = torch.arange(0, B * T + 1, T, device="cuda", dtype=torch.int64)
 
     def run(backend: str):
         if backend == "compile":
             compiled = compiled_reference()
             return lambda: compiled(hidden, weight, bias, mask, start, False)
+        if backend == "cuda_varlen":
+            packed = hidden.view(B * T, H)
+            return lambda: red_kernels.redistribute_varlen(packed, weight, bias, cu_seqlens=cu_seqlens,
+                                                           response_start=start, backend="cuda")
         return lambda: red_kernels.redistribute(hidden, weight, bias, attention_mask=mask, response_start=start,
                                                 backend=backend)
 
@@ -94,7 +101,7 @@ def bench(B: int, T: int, H: int, dtype_name: str, providers: list[str]) -> dict
         row["triton"]["rest_of_call_ms"] = row["triton"]["median_ms"] - row["triton"]["scores_kernel_ms"]
     for peer in ("eager", "compile"):
         if peer in row:
-            for name in ("cuda", "triton"):
+            for name in ("cuda", "cuda_varlen", "triton"):
                 if name in row:
                     row[name][f"speedup_vs_{peer}"] = row[peer]["median_ms"] / row[name]["median_ms"]
     del hidden, copy_target
@@ -123,6 +130,8 @@ def main() -> None:
         raise SystemExit("bench_op_gpu: no CUDA GPU visible")
     usable = red_kernels.available_backends("cuda")
     providers = [name for name in ("cuda", "triton", "eager") if name in usable]
+    if "cuda" in usable:
+        providers.insert(1, "cuda_varlen")
     if "triton" in usable and not args.no_compile:  # Inductor writes Triton code on a GPU
         providers.append("compile")
     missing = sorted({"cuda", "triton"} - set(usable))

@@ -6,10 +6,12 @@ on the CPU, one real thread per CUDA thread (csrc/simt/README.md).
 directory, run the executable, and read its outputs back; an error the emulator or a sanitizer caught
 raises `SimtError` with its report.
 
-`as_cpu_kernel()` installs the harness as the CPU kernel of both C++ ops for the duration of a `with`,
-so `red_kernels.redistribute(..., backend="cpu")` runs the CUDA kernels through the real public entry
-point: op.py's checks and normalisation, and the registered autograd formula. The tests call that
-backend "cuda_sim" (tests/cases.py).
+`varlen_forward` and `varlen_backward` do the same for `red_kernels::redistribute_varlen` and its backward.
+
+`as_cpu_kernel()` installs the harness as the CPU kernel of the C++ ops (padded and varlen) for the
+duration of a `with`, so `red_kernels.redistribute(..., backend="cpu")` (and `redistribute_varlen`) runs
+the CUDA kernels through the real public entry point: op.py's checks and normalisation, and the registered
+autograd formula. The tests call that backend "cuda_sim" (tests/cases.py).
 
 Variants: "asan" (AddressSanitizer + UndefinedBehaviorSanitizer, the default: the test matrix runs under
 it), "tsan" (ThreadSanitizer), "plain".
@@ -57,7 +59,7 @@ DEFAULT_SM_COUNT = 132
 SPARSE_BYTES = 64 << 20
 # Kernel runs through the harness, so a test can check that the harness (not the C++ CPU kernel) ran,
 # and the launch shape of the last backward (aligned, chunks, column_tiles).
-CALLS = {"forward": 0, "backward": 0}
+CALLS = {"forward": 0, "backward": 0, "varlen_forward": 0, "varlen_backward": 0}
 LAST_BACKWARD_PLAN: dict = {}
 
 
@@ -216,6 +218,84 @@ def backward(grad_scores, grad_rewards, grad_token_rewards, hidden, weight, mask
         return grad_hidden, grad_weight, grad_bias
 
 
+# ---------------------------------------------------------------------------------------
+# Packed sequences: red_kernels::redistribute_varlen and its backward
+
+
+def _check_varlen_normalised(hidden, weight, cu_seqlens, seq_lens, start) -> None:
+    assert hidden.device.type == "cpu" and hidden.dim() == 2 and (hidden.shape[1] == 1 or hidden.stride(1) == 1)
+    assert min(hidden.stride()) >= 0, "the harness writes views with non-negative strides only"
+    assert weight.dtype == torch.float32 and weight.is_contiguous()
+    for tensor in (cu_seqlens, seq_lens, start):
+        assert tensor.dtype == torch.int64 and tensor.is_contiguous()
+
+
+def _write_varlen_inputs(directory: Path, hidden, weight, cu_seqlens, seq_lens, start) -> dict:
+    """The packed inputs both varlen commands read; hidden [T, H] goes as the padded layout's one row."""
+    T, H = hidden.shape
+    if T > 0:
+        meta = _hidden_meta(directory, hidden.unsqueeze(0))
+    else:
+        (directory / "hidden.bin").write_bytes(b"")
+        meta = dict(dtype=DTYPE_CODES[hidden.dtype], stride_t=H, hidden_span=0, hidden_misalign=0, hidden_sparse=0)
+    meta.update(N=seq_lens.shape[0], T=T, H=H, weight_misalign=weight.data_ptr() % 64)
+    meta.pop("B", None)
+    meta.pop("stride_b", None)
+    for name, tensor in (("weight", weight), ("cu_seqlens", cu_seqlens), ("seq_lens", seq_lens), ("start", start)):
+        _write(directory / f"{name}.bin", tensor)
+    return meta
+
+
+def varlen_forward(hidden, weight, bias, cu_seqlens, seq_lens, start, prev_scores, baseline_zero: bool, *,
+                   variant: str = "asan", mutant: int | None = None) -> tuple[torch.Tensor, ...]:
+    """red_kernels::redistribute_varlen through the harness: (scores, rewards, token_rewards, last_index)."""
+    _check_varlen_normalised(hidden, weight, cu_seqlens, seq_lens, start)
+    T, N = hidden.shape[0], seq_lens.shape[0]
+    with tempfile.TemporaryDirectory(prefix="simt-") as name:
+        directory = Path(name)
+        meta = _write_varlen_inputs(directory, hidden, weight, cu_seqlens, seq_lens, start)
+        if bias is not None:
+            _write(directory / "bias.bin", bias.reshape(1))
+        if prev_scores is not None:
+            assert prev_scores.dtype == torch.float32
+            _write(directory / "prev_scores.bin", prev_scores)
+        meta.update(has_bias=int(bias is not None), has_prev_scores=int(prev_scores is not None),
+                    baseline_zero=int(baseline_zero))
+        _run(variant, mutant, "varlen_forward", directory, meta)
+        CALLS["varlen_forward"] += 1
+        return (_read(directory / "scores.bin", torch.float32, (T,)),
+                _read(directory / "rewards.bin", torch.float32, (N,)),
+                _read(directory / "token_rewards.bin", torch.float32, (T,)),
+                _read(directory / "last_index.bin", torch.int64, (N,)))
+
+
+def varlen_backward(grad_scores, grad_rewards, grad_token_rewards, hidden, weight, cu_seqlens, seq_lens, start,
+                    last_index, baseline_zero: bool, output_mask, *, variant: str = "asan", mutant: int | None = None,
+                    sm_count: int = DEFAULT_SM_COUNT) -> tuple[torch.Tensor, ...]:
+    """red_kernels::redistribute_varlen_backward through the harness; LAST_BACKWARD_PLAN as for `backward`."""
+    _check_varlen_normalised(hidden, weight, cu_seqlens, seq_lens, start)
+    T, H = hidden.shape
+    need_hidden, need_weight, need_bias = (bool(x) for x in output_mask)
+    with tempfile.TemporaryDirectory(prefix="simt-") as name:
+        directory = Path(name)
+        meta = _write_varlen_inputs(directory, hidden, weight, cu_seqlens, seq_lens, start)
+        for file, tensor in (("last_index", last_index), ("grad_scores", grad_scores), ("grad_rewards", grad_rewards),
+                             ("grad_token_rewards", grad_token_rewards)):
+            _write(directory / f"{file}.bin", tensor)
+        meta.update(baseline_zero=int(baseline_zero), need_hidden=int(need_hidden), need_weight=int(need_weight),
+                    need_bias=int(need_bias), sm_count=sm_count)
+        stdout = _run(variant, mutant, "varlen_backward", directory, meta)
+        CALLS["varlen_backward"] += 1
+        words = stdout.split()
+        LAST_BACKWARD_PLAN.clear()
+        LAST_BACKWARD_PLAN.update({words[i]: int(words[i + 1]) for i in range(0, len(words) - 1, 2)})
+        grad_hidden = (_read(directory / "grad_hidden.bin", hidden.dtype, (T, H)) if need_hidden
+                       else hidden.new_empty((0,)))
+        grad_weight = _read(directory / "grad_weight.bin", torch.float32, (H,)) if need_weight else weight.new_empty(0)
+        grad_bias = _read(directory / "grad_bias.bin", torch.float32, (1,)) if need_bias else weight.new_empty(0)
+        return grad_hidden, grad_weight, grad_bias
+
+
 @contextlib.contextmanager
 def as_cpu_kernel(variant: str = "asan", mutant: int | None = None, *, forward_by_reference: bool = False,
                   sm_count: int = DEFAULT_SM_COUNT):
@@ -236,11 +316,29 @@ def as_cpu_kernel(variant: str = "asan", mutant: int | None = None, *, forward_b
         return backward(grad_scores, grad_rewards, grad_token_rewards, hidden, weight, mask, start, last_index,
                         baseline_zero, output_mask, variant=variant, mutant=mutant, sm_count=sm_count)
 
+    def varlen_forward_kernel(hidden, weight, bias, cu_seqlens, seq_lens, start, prev_scores, baseline_zero):
+        if forward_by_reference:
+            from red_kernels.reference import redistribute_varlen_reference
+
+            return tuple(redistribute_varlen_reference(hidden, weight, bias, cu_seqlens, seq_lens, start, prev_scores,
+                                                       baseline_zero))
+        return varlen_forward(hidden, weight, bias, cu_seqlens, seq_lens, start, prev_scores, baseline_zero,
+                              variant=variant, mutant=mutant)
+
+    def varlen_backward_kernel(grad_scores, grad_rewards, grad_token_rewards, hidden, weight, cu_seqlens, seq_lens,
+                               start, last_index, baseline_zero, output_mask):
+        return varlen_backward(grad_scores, grad_rewards, grad_token_rewards, hidden, weight, cu_seqlens, seq_lens,
+                               start, last_index, baseline_zero, output_mask, variant=variant, mutant=mutant,
+                               sm_count=sm_count)
+
+    # Whether or not the varlen op has a real CPU kernel in this build, an IMPL registration replaces it.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Oo]verrid.*")
         library = torch.library.Library("red_kernels", "IMPL")
         library.impl("redistribute", forward_kernel, "CPU")
         library.impl("redistribute_backward", backward_kernel, "CPU")
+        library.impl("redistribute_varlen", varlen_forward_kernel, "CPU")
+        library.impl("redistribute_varlen_backward", varlen_backward_kernel, "CPU")
     try:
         yield
     finally:

@@ -21,15 +21,18 @@ import pytest
 import torch
 
 import red_kernels
-from cases import (Case, assert_gradients_match, assert_matches, assert_padding_never_read, forward_cases,
-                   layout_inputs, make_inputs, op_pair, to_device)
+import test_varlen
+from cases import (Case, assert_gradients_match, assert_matches, assert_padding_never_read,
+                   assert_varlen_gradients_match, assert_varlen_matches, forward_cases, layout_inputs, make_inputs,
+                   make_varlen_inputs, op_pair, redistribute_varlen_op, to_device)
 from conftest import TRITON_INTERPRET
 from red_kernels import RedistributeOutput
 
 EXPECT_CUDA = os.environ.get("RED_KERNELS_EXPECT_CUDA") == "1"
 GPU_BACKENDS = ["cuda", "triton"]
 CASES = forward_cases()
-OPS = ("red_kernels::redistribute", "red_kernels::redistribute_backward")
+OPS = ("red_kernels::redistribute", "red_kernels::redistribute_backward", "red_kernels::redistribute_varlen",
+       "red_kernels::redistribute_varlen_backward")
 
 def _require_backend(backend: str) -> None:
     if backend not in red_kernels.available_backends("cuda"):
@@ -132,7 +135,10 @@ def _sm90_functions(kind: str) -> dict[str, str]:
         name, _, body = part.partition("\n") if kind == "sass" else part.partition(":")
         functions[name.strip().rstrip(":")] = body
     kernels = {name: body for name, body in functions.items() if "red_kernels" in name}
-    assert len(kernels) == 13, f"expected 13 kernels (3 dtypes x 2 alignments x 2, and the reduction), got {sorted(kernels)}"
+    assert len(kernels) == 25, (f"expected 25 kernels (3 dtypes x 2 alignments x forward, backward, varlen forward and "
+                                f"varlen backward, and the reduction), got {sorted(kernels)}")
+    assert sum("varlen_forward_kernel" in name for name in kernels) == 6
+    assert sum("varlen_backward_kernel" in name for name in kernels) == 6
     return kernels
 
 
@@ -140,7 +146,8 @@ def test_cuda_kernels_compiled_form() -> None:
     """What the speed work relies on, read from the sm_90 code in the build (issue 12, findings 9-12):
     the forward fits 6 blocks per SM (<= 40 registers), no kernel spills to local memory, the aligned
     forward streams hidden with 16-byte cp.async (LDGSTS.E.BYPASS.128), and the aligned backward writes
-    grad_hidden with 128-bit stores (STG.E.128)."""
+    grad_hidden with 128-bit stores (STG.E.128). The varlen kernels (issue 14) are held to the same: their
+    names contain forward_kernel / backward_kernel."""
     _require_cuda_build()
     usage = _sm90_functions("res-usage")
     for name, text in usage.items():
@@ -150,7 +157,7 @@ def test_cuda_kernels_compiled_form() -> None:
             assert registers <= 40, f"{name} uses {registers} registers: 6 blocks of 256 threads per SM need <= 40"
     sass = _sm90_functions("sass")
     for name, text in sass.items():
-        aligned = re.search(r"ELb1E", name) is not None  # the kAligned = true instantiations
+        aligned = re.search(r"Lb1E", name) is not None  # the kAligned = true instantiations (float's too)
         if "forward_kernel" in name and aligned:
             assert "LDGSTS.E.BYPASS.128" in text, f"{name}: no 16-byte cp.async"
         if "backward_kernel" in name and aligned:
@@ -448,3 +455,46 @@ def test_second_device(backend: str) -> None:
         out = red_kernels.redistribute(**on_second, backend=backend)
     assert all(t.device == torch.device("cuda:1") for t in out)
     assert_matches(to_cpu(out), inputs)
+
+
+# ---------------------------------------------------------------------------------------
+# Packed sequences (redistribute_varlen): tests/test_varlen.py's matrix for the cuda backend
+
+
+def varlen_inputs_to_cuda(inputs: dict) -> dict:
+    return {name: to_cuda(value) for name, value in inputs.items()}
+
+
+VARLEN_CASES = test_varlen.CASES + test_varlen.EDGE_CASES
+
+
+@pytest.mark.parametrize("case", VARLEN_CASES, ids=[c.id for c in VARLEN_CASES])
+@pytest.mark.usefixtures("poison_empty")
+@pytest.mark.gpu
+def test_varlen_matches_float64_spec(case) -> None:
+    _skip_without_gpu()
+    _require_backend("cuda")
+    inputs = make_varlen_inputs(case)
+    on_gpu = varlen_inputs_to_cuda(inputs)
+    out = redistribute_varlen_op(on_gpu["hidden"], on_gpu["weight"], on_gpu["bias"], on_gpu, "cuda")
+    assert all(t.is_cuda for t in out)
+    assert_varlen_matches(to_cpu(out), inputs)
+
+
+@pytest.mark.parametrize("case", test_varlen.GRADIENT_CASES, ids=[c.id for c in test_varlen.GRADIENT_CASES])
+@pytest.mark.usefixtures("poison_empty")
+@pytest.mark.gpu
+def test_varlen_gradients_match_autograd_through_float64_reference(case) -> None:
+    _skip_without_gpu()
+    _require_backend("cuda")
+    assert_varlen_gradients_match(case, "cuda", device="cuda")
+
+
+@pytest.mark.parametrize("dtype", ["f32", "bf16", "f16"])
+@pytest.mark.parametrize("packing", ["slots", "tight"])
+@pytest.mark.usefixtures("poison_empty")
+@pytest.mark.gpu
+def test_varlen_equals_padded_op_on_the_same_sequences(dtype: str, packing: str) -> None:
+    _skip_without_gpu()
+    _require_backend("cuda")
+    test_varlen.check_varlen_equals_padded_op("cuda", dtype, packing, device="cuda")

@@ -19,8 +19,10 @@ import torch
 
 import red_kernels
 import simt_harness
-from cases import (DTYPES, Case, assert_gradients_match, assert_matches, assert_padding_never_read, forward_cases,
-                   layout_inputs, make_inputs, upstream_gradients)
+import test_varlen
+from cases import (DTYPES, Case, VarlenCase, assert_gradients_match, assert_matches, assert_padding_never_read,
+                   assert_varlen_gradients_match, assert_varlen_matches, forward_cases, layout_inputs, make_inputs,
+                   make_varlen_inputs, redistribute_varlen_op, upstream_gradients, varlen_cases)
 
 sys.path.insert(0, str(simt_harness.ROOT / "benchmarks"))
 import gpu_model  # noqa: E402
@@ -206,6 +208,114 @@ def test_offsets_beyond_int32() -> None:
 
 
 # ---------------------------------------------------------------------------------------
+# Packed sequences (redistribute_varlen): the same kernels' code over flat blocks of 15 tokens.
+
+
+def run_varlen(inputs: dict, backend: str):
+    return redistribute_varlen_op(inputs["hidden"], inputs["weight"], inputs["bias"], inputs, backend)
+
+
+VARLEN_CASES = varlen_cases()
+# Packs at the kernels' own boundaries: sequences ending at, before and after a 15-token block edge, one spanning
+# several blocks, a block of only empty slots and padding, tail padding, the cp.async ring (aligned rows, H over
+# several ring rounds) and its scalar twin (rows 2 bytes off 16-byte alignment).
+VARLEN_BLOCK_CASES = [
+    VarlenCase((14, 1, 15, 16, 0, 0, 29, 31, 1), 24, dtype="bf16", layout="1TH", in_slot=True, tail=7, carried=True,
+               bias="tensor", seed=61),
+    VarlenCase((15, 0, 0, 0, 45, 2), 40, dtype="f32", layout="T1H", tail=15, carried=True, baseline="zero", seed=62),
+    VarlenCase((3, 70, 0, 12), 4 * RING_ROUND["f16"] + 8, dtype="f16", layout="1TH", in_slot=True, tail=2,
+               start="int", seed=63),
+    VarlenCase((5, 31, 17), RING_ROUND["f32"] + 8, dtype="f32", layout="1TH", carried=True, bias="none",
+               baseline="zero", seed=64),
+    VarlenCase(tuple(1 + (i * 5) % 3 for i in range(300)), 16, dtype="bf16", layout="1TH", in_slot=True, tail=3,
+               carried=True, seed=65),  # many short sequences: every block crosses several slots
+]
+# test_varlen's edge packs, but for two: a pack without tokens never reaches a kernel (op.py answers it eagerly;
+# direct calls are tested below), and N = 600 or 4096 take 6 s or 40 s in the emulator (VARLEN_BLOCK_CASES[4]
+# has N = 300).
+VARLEN_EDGE_CASES = [c for c in test_varlen.EDGE_CASES if 0 < sum(c.lengths) + c.tail and len(c.lengths) < 600] + \
+    VARLEN_BLOCK_CASES
+
+
+@pytest.mark.parametrize("case", VARLEN_CASES + VARLEN_EDGE_CASES, ids=[c.id for c in VARLEN_CASES + VARLEN_EDGE_CASES])
+def test_varlen_forward_matches_float64_spec(case: VarlenCase, cuda_sim: str) -> None:
+    inputs = make_varlen_inputs(case)
+    assert_varlen_matches(run_varlen(inputs, cuda_sim), inputs)
+
+
+def _unaligned_varlen_inputs(case: VarlenCase) -> dict:
+    """The case's hidden moved 2 bytes off 16-byte alignment (the scalar variant of both kernels)."""
+    inputs = make_varlen_inputs(case)
+    hidden = inputs["hidden"].reshape(-1, case.H)
+    flat = torch.empty(hidden.numel() + 8, dtype=hidden.dtype)
+    moved = flat[1:1 + hidden.numel()].view(hidden.shape)
+    moved.copy_(hidden)
+    assert moved.data_ptr() % 16 != 0
+    inputs["hidden"] = moved
+    return inputs
+
+
+@pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "unaligned"])
+@pytest.mark.parametrize("case", VARLEN_BLOCK_CASES[:4], ids=[c.id for c in VARLEN_BLOCK_CASES[:4]])
+def test_varlen_block_boundaries_forward_and_gradients(case: VarlenCase, aligned: bool, cuda_sim: str) -> None:
+    inputs = make_varlen_inputs(case) if aligned else _unaligned_varlen_inputs(case)
+    assert_varlen_matches(run_varlen(inputs, cuda_sim), inputs)
+    assert_varlen_gradients_match(case, cuda_sim, inputs=inputs)
+    element = inputs["hidden"].element_size()
+    assert simt_harness.LAST_BACKWARD_PLAN["aligned"] == int(aligned and case.H * element % 16 == 0)
+
+
+VARLEN_GRADIENT_CASES = VARLEN_CASES[::2] + test_varlen.EDGE_CASES[2:4] + test_varlen.EDGE_CASES[6:] + \
+    VARLEN_BLOCK_CASES[4:]
+
+
+@pytest.mark.parametrize("case", VARLEN_GRADIENT_CASES, ids=[c.id for c in VARLEN_GRADIENT_CASES])
+def test_varlen_gradients_match_autograd_through_float64_reference(case: VarlenCase, cuda_sim: str) -> None:
+    assert_varlen_gradients_match(case, cuda_sim)
+
+
+@pytest.mark.parametrize("dtype", ["f32", "bf16", "f16"])
+@pytest.mark.parametrize("packing", ["slots", "tight"])
+def test_varlen_equals_padded_op_on_the_same_sequences(dtype: str, packing: str, cuda_sim: str) -> None:
+    """test_varlen's check, with both the padded and the varlen op running the CUDA source."""
+    test_varlen.check_varlen_equals_padded_op(cuda_sim, dtype, packing)
+
+
+def test_varlen_padding_is_never_read(cuda_sim: str) -> None:
+    test_varlen.test_varlen_padding_is_never_read(cuda_sim)
+
+
+def test_varlen_op_without_tokens_or_sequences() -> None:
+    """Direct op calls op.py routes to eager: T = 0 (every sequence empty) and N = 0."""
+    weight = torch.randn(8)
+    none = torch.zeros(0, dtype=torch.int64)
+    scores, rewards, token_rewards, last_index = simt_harness.varlen_forward(
+        torch.empty(0, 8), weight, None, torch.zeros(3, dtype=torch.int64), torch.zeros(2, dtype=torch.int64),
+        torch.zeros(2, dtype=torch.int64), None, False)
+    assert scores.shape == (0,) and rewards.tolist() == [0.0, 0.0] and last_index.tolist() == [-1, -1]
+    scores, rewards, token_rewards, last_index = simt_harness.varlen_forward(
+        torch.randn(20, 8), weight, None, torch.zeros(1, dtype=torch.int64), none, none, None, False)
+    assert (scores == 0).all() and (token_rewards == 0).all() and rewards.shape == (0,) and last_index.shape == (0,)
+
+
+def test_varlen_grad_weight_is_deterministic() -> None:
+    inputs = make_varlen_inputs(VarlenCase((40, 0, 77, 3, 120), 264, dtype="bf16", layout="1TH", in_slot=True,
+                                           seed=66))
+    hidden = inputs["hidden"].reshape(-1, 264)
+    cu, lens = inputs["cu_seqlens"].long(), inputs["seq_lens"].long()
+    start = inputs["response_start"].long()
+    last_index = red_kernels.redistribute_varlen(hidden, inputs["weight"], cu_seqlens=cu, seq_lens=lens,
+                                                 response_start=start, backend="eager").last_index
+    T, N = hidden.shape[0], lens.shape[0]
+    args = (torch.randn(T), torch.randn(N), torch.randn(T), hidden, inputs["weight"], cu, lens, start, last_index,
+            False)
+    first = simt_harness.varlen_backward(*args, [True, True, True], sm_count=3)
+    assert simt_harness.LAST_BACKWARD_PLAN["chunks"] > 1
+    second = simt_harness.varlen_backward(*args, [True, True, True], sm_count=3)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+# ---------------------------------------------------------------------------------------
 # ThreadSanitizer: a data race on shared (or global) memory between two barriers fails.
 
 TSAN_CASES = [Case(3, 40, 1024, dtype="f32", padding="none", start="tensor", seed=3),
@@ -254,6 +364,35 @@ def test_planted_bug_is_caught(mutant: int, poison_empty) -> None:
     variant, what, message = MUTANTS[mutant]
     with pytest.raises((simt_harness.SimtError, AssertionError), match=message):
         _run_matrix_subset(variant, mutant)
+
+
+VARLEN_MUTANTS = {
+    9: ("asan", "an empty sequence's last_index and reward not written", r"rewards has non-finite values"),
+    10: ("asan", "the backward's slot lookup off by one", r"grad_hidden: \d+ elements out of tolerance"),
+}
+VARLEN_MUTANT_CASES = [VARLEN_BLOCK_CASES[0]]
+
+
+def _run_varlen_subset(variant: str, mutant: int | None) -> None:
+    with simt_harness.as_cpu_kernel(variant, mutant):
+        for case in VARLEN_MUTANT_CASES:
+            inputs = make_varlen_inputs(case)
+            assert_varlen_matches(run_varlen(inputs, "cpu"), inputs)
+            assert_varlen_gradients_match(case, "cpu", inputs=inputs)
+
+
+@pytest.mark.parametrize("mutant", sorted(VARLEN_MUTANTS),
+                         ids=[VARLEN_MUTANTS[m][1].replace(" ", "_") for m in sorted(VARLEN_MUTANTS)])
+def test_varlen_planted_bug_is_caught(mutant: int, poison_empty) -> None:
+    variant, what, message = VARLEN_MUTANTS[mutant]
+    with pytest.raises((simt_harness.SimtError, AssertionError), match=message):
+        _run_varlen_subset(variant, mutant)
+
+
+def test_varlen_unmutated_subset_passes_both_sanitizers(poison_empty) -> None:
+    """The control for the varlen planted bugs, and the varlen kernels under ThreadSanitizer."""
+    _run_varlen_subset("asan", None)
+    _run_varlen_subset("tsan", None)
 
 
 def test_unmutated_subset_passes_both_sanitizers(poison_empty) -> None:

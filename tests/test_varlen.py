@@ -8,7 +8,7 @@ import torch
 
 import red_kernels
 from cases import (EPS32, Case, VarlenCase, assert_varlen_gradients_match, assert_varlen_matches, make_inputs,
-                   make_varlen_inputs, redistribute_varlen_op, varlen_cases)
+                   make_varlen_inputs, redistribute_varlen_op, to_device, varlen_cases)
 from conftest import TRITON_INTERPRET, cpu_backends, fused_cpu_backends
 from red_kernels.reference import redistribute_varlen_reference
 
@@ -60,14 +60,21 @@ def _ulp_close(name: str, actual: torch.Tensor, expected: torch.Tensor, scale: t
 @pytest.mark.parametrize("dtype", ["f32", "bf16", "f16"])
 @pytest.mark.parametrize("packing", ["slots", "tight"])
 def test_varlen_equals_padded_op_on_the_same_sequences(backend: str, dtype: str, packing: str, poison_empty) -> None:
+    check_varlen_equals_padded_op(backend, dtype, packing)
+
+
+def check_varlen_equals_padded_op(backend: str, dtype: str, packing: str, device="cpu") -> None:
     """A right-padded batch packed two ways: its rows as slots with in-slot padding (seq_lens, no copy), and its
-    real tokens packed tight; every output equals the padded op's to 1 ulp."""
+    real tokens packed tight; every output equals the padded op's to 1 ulp. (tests/test_cuda.py: on a GPU.)"""
     case = Case(5, 23, 67, dtype=dtype, padding="empty-row", start="tensor", baseline="zero", bias="tensor", seed=3)
     inputs = make_inputs(case)
-    hidden, mask = inputs["hidden"].contiguous(), inputs["attention_mask"]
-    padded = red_kernels.redistribute(hidden, inputs["weight"], inputs["bias"], attention_mask=mask,
-                                      response_start=inputs["response_start"], baseline=case.baseline,
+    on_device = {name: to_device(value, device) for name, value in inputs.items()}
+    hidden, mask = on_device["hidden"].contiguous(), inputs["attention_mask"]
+    padded = red_kernels.redistribute(hidden, on_device["weight"], on_device["bias"],
+                                      attention_mask=on_device["attention_mask"],
+                                      response_start=on_device["response_start"], baseline=case.baseline,
                                       backend=backend)
+    padded = type(padded)(*(t.cpu() for t in padded))
     B, T, H = hidden.shape
     lens = mask.sum(1)
     if packing == "slots":
@@ -76,14 +83,17 @@ def test_varlen_equals_padded_op_on_the_same_sequences(backend: str, dtype: str,
         seq_lens = lens
         where = torch.arange(B * T).view(B, T)
     else:
-        packed = hidden[mask != 0]
+        packed = hidden[on_device["attention_mask"] != 0]
         cu = torch.nn.functional.pad(lens.cumsum(0), (1, 0))
         seq_lens = None
         where = torch.full((B, T), -1)
         where[mask != 0] = torch.arange(int(lens.sum()))
-    out = red_kernels.redistribute_varlen(packed, inputs["weight"], inputs["bias"], cu_seqlens=cu,
-                                          response_start=inputs["response_start"], seq_lens=seq_lens,
-                                          baseline=case.baseline, backend=backend)
+    out = red_kernels.redistribute_varlen(packed, on_device["weight"], on_device["bias"], cu_seqlens=cu.to(device),
+                                          response_start=on_device["response_start"],
+                                          seq_lens=to_device(seq_lens, device), baseline=case.baseline,
+                                          backend=backend)
+    assert all(t.device == packed.device for t in out)
+    out = type(out)(*(t.cpu() for t in out))
     real = mask != 0
     score_scale = padded.scores.abs()
     if backend == "eager":  # the varlen reference sums each token pairwise (packing-invariant), the padded one by BLAS
@@ -124,9 +134,11 @@ def test_varlen_padding_is_never_read(backend: str) -> None:
     assert (hidden.grad[~valid] == 0).all()
 
 
+GRADIENT_CASES = CASES[::2] + EDGE_CASES[2:4] + EDGE_CASES[5:]
+
+
 @pytest.mark.parametrize("backend", FUSED)
-@pytest.mark.parametrize("case", CASES[::2] + EDGE_CASES[2:4] + EDGE_CASES[5:],
-                         ids=[c.id for c in CASES[::2] + EDGE_CASES[2:4] + EDGE_CASES[5:]])
+@pytest.mark.parametrize("case", GRADIENT_CASES, ids=[c.id for c in GRADIENT_CASES])
 def test_varlen_gradients_match_autograd_through_float64_reference(case: VarlenCase, backend: str,
                                                                    poison_empty) -> None:
     assert_varlen_gradients_match(case, backend)

@@ -1,6 +1,6 @@
-// The CUDA implementation of red_kernels::redistribute and its backward (SPEC.md section 2): input
-// checks, output allocation and dtype dispatch. The kernels, and the choice of each launch's grid and
-// block, live in redistribute_kernels.cuh, which the host SIMT harness (csrc/simt) also compiles.
+// The CUDA implementation of red_kernels::redistribute, redistribute_varlen and their backwards (SPEC.md
+// sections 2 and 5): input checks, output allocation and dtype dispatch. The kernels, and the choice of each
+// launch's grid and block, live in redistribute_kernels.cuh, which the host SIMT harness (csrc/simt) also compiles.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -147,10 +147,105 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> redistribute_backward_cuda(
   return {grad_hidden, grad_weight, grad_bias};
 }
 
+// Packed sequences (SPEC.md section 5): the same kernels' code over flat blocks of tokens.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> redistribute_varlen_cuda(
+    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& cu_seqlens, const at::Tensor& seq_lens, const at::Tensor& start,
+    const std::optional<at::Tensor>& prev_scores, bool baseline_zero) {
+  check_varlen_forward(hidden, weight, bias, cu_seqlens, seq_lens, start, prev_scores);
+  const c10::cuda::CUDAGuard guard(hidden.device());
+  const int64_t T = hidden.size(0), H = hidden.size(1), N = seq_lens.size(0);
+  const auto f32 = hidden.options().dtype(at::kFloat);
+  at::Tensor scores = at::empty({T}, f32);
+  at::Tensor rewards = at::empty({N}, f32);
+  at::Tensor token_rewards = at::empty({T}, f32);
+  at::Tensor last_index = at::empty({N}, hidden.options().dtype(at::kLong));
+  if (T == 0) {  // no tokens: every sequence is empty
+    rewards.zero_();
+    last_index.fill_(-1);
+    return {scores, rewards, token_rewards, last_index};
+  }
+  const ForwardPlan plan = varlen_forward_plan(T);
+  TORCH_CHECK(plan.fits, "hidden: T too large for one launch, got ", hidden.sizes());
+  const StreamLaunch launch{c10::cuda::getCurrentCUDAStream()};
+  dispatch_hidden(hidden.scalar_type(), [&](auto zero) {
+    using scalar_t = decltype(zero);
+    const VarlenForwardArgs<scalar_t> args{hidden.const_data_ptr<scalar_t>(),
+                                           hidden.stride(0),
+                                           weight.const_data_ptr<float>(),
+                                           bias.has_value() ? bias->const_data_ptr<float>() : nullptr,
+                                           cu_seqlens.const_data_ptr<int64_t>(),
+                                           seq_lens.const_data_ptr<int64_t>(),
+                                           start.const_data_ptr<int64_t>(),
+                                           prev_scores.has_value() ? prev_scores->const_data_ptr<float>() : nullptr,
+                                           N,
+                                           T,
+                                           H,
+                                           baseline_zero,
+                                           scores.mutable_data_ptr<float>(),
+                                           rewards.mutable_data_ptr<float>(),
+                                           token_rewards.mutable_data_ptr<float>(),
+                                           last_index.mutable_data_ptr<int64_t>()};
+    launch_varlen_forward(launch, plan, args);
+  });
+  return {scores, rewards, token_rewards, last_index};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> redistribute_varlen_backward_cuda(
+    const at::Tensor& grad_scores, const at::Tensor& grad_rewards, const at::Tensor& grad_token_rewards,
+    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& cu_seqlens, const at::Tensor& seq_lens,
+    const at::Tensor& start, const at::Tensor& last_index, bool baseline_zero, std::array<bool, 3> output_mask) {
+  check_varlen_backward(grad_scores, grad_rewards, grad_token_rewards, hidden, weight, cu_seqlens, seq_lens, start,
+                        last_index);
+  const c10::cuda::CUDAGuard guard(hidden.device());
+  const int64_t T = hidden.size(0), H = hidden.size(1), N = seq_lens.size(0);
+  const bool need_hidden = output_mask[0], need_weight = output_mask[1], need_bias = output_mask[2];
+  at::Tensor grad_hidden = need_hidden ? at::empty({T, H}, hidden.options()) : empty_gradient(hidden);
+  at::Tensor grad_weight = need_weight ? at::empty({H}, weight.options()) : empty_gradient(weight);
+  at::Tensor grad_bias = need_bias ? at::empty({1}, weight.options()) : empty_gradient(weight);
+  const BackwardPlan plan = backward_plan(1, T, H, hidden.element_size(), need_hidden, need_weight, need_bias,
+                                          sm_count(hidden.get_device()));
+  if (plan.empty) {
+    if (need_weight) grad_weight.zero_();
+    if (need_bias) grad_bias.zero_();
+    return {grad_hidden, grad_weight, grad_bias};
+  }
+  TORCH_CHECK(plan.fits, "hidden: H too large for one launch, got ", hidden.sizes());
+  at::Tensor partial;
+  if (plan.partial_elements > 0) partial = at::empty({plan.partial_elements}, weight.options());
+  const StreamLaunch launch{c10::cuda::getCurrentCUDAStream()};
+  dispatch_hidden(hidden.scalar_type(), [&](auto zero) {
+    using scalar_t = decltype(zero);
+    const VarlenBackwardArgs<scalar_t> args{grad_scores.const_data_ptr<float>(),
+                                            grad_rewards.const_data_ptr<float>(),
+                                            grad_token_rewards.const_data_ptr<float>(),
+                                            hidden.const_data_ptr<scalar_t>(),
+                                            hidden.stride(0),
+                                            weight.const_data_ptr<float>(),
+                                            cu_seqlens.const_data_ptr<int64_t>(),
+                                            seq_lens.const_data_ptr<int64_t>(),
+                                            start.const_data_ptr<int64_t>(),
+                                            last_index.const_data_ptr<int64_t>(),
+                                            N,
+                                            T,
+                                            H,
+                                            baseline_zero,
+                                            need_hidden ? grad_hidden.mutable_data_ptr<scalar_t>() : nullptr,
+                                            need_hidden ? H : 0,
+                                            need_weight ? grad_weight.mutable_data_ptr<float>() : nullptr,
+                                            need_bias ? grad_bias.mutable_data_ptr<float>() : nullptr,
+                                            partial.defined() ? partial.mutable_data_ptr<float>() : nullptr};
+    launch_varlen_backward(launch, plan, args);
+  });
+  return {grad_hidden, grad_weight, grad_bias};
+}
+
 }  // namespace
 }  // namespace red_kernels
 
 TORCH_LIBRARY_IMPL(red_kernels, CUDA, m) {
   m.impl("redistribute", TORCH_FN(red_kernels::redistribute_cuda));
   m.impl("redistribute_backward", TORCH_FN(red_kernels::redistribute_backward_cuda));
+  m.impl("redistribute_varlen", TORCH_FN(red_kernels::redistribute_varlen_cuda));
+  m.impl("redistribute_varlen_backward", TORCH_FN(red_kernels::redistribute_varlen_backward_cuda));
 }

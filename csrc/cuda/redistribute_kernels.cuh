@@ -26,6 +26,12 @@
 // sums g * hidden over its rows into partial[chunk, :H] and g into partial[chunk, H]. The second adds
 // the chunks' partial rows in a fixed order into grad_weight and grad_bias: no atomics, so the result
 // is bitwise reproducible for a given shape.
+//
+// Packed sequences (redistribute_varlen, SPEC.md section 5) reuse all of it. Forward: a block owns
+// kRowsPerBlock consecutive packed tokens, whichever sequences they belong to, and shares step (1)
+// (block_scores: the halo row, warp_rows_dot, the ring) with the padded kernel; each sequence's last token
+// writes its last_index and reward, so no scan is needed. Backward: one body, backward_rows, for both
+// layouts; the layout (PaddedRows or PackedRows) only says what row r is: its g, validity and offsets.
 #pragma once
 
 #if defined(RED_SIMT)
@@ -233,6 +239,21 @@ struct ForwardShared {
   uint4 ring[kWarps][kStages][kWarpSize];  // per warp, per lane: hidden packs in flight
 };
 
+// Step (1) of both forward kernels: chunk_scores[i] = the score of task i's row (task_rows[k] is task
+// warp + k * kWarps; null: padding, or a halo not needed, which scores 0), for the tasks i <= rows.
+template <typename scalar_t, bool kAligned>
+__device__ __forceinline__ void block_scores(const scalar_t* const (&task_rows)[kTasksPerWarp],
+                                             const float* __restrict__ weight, float bias_value, int64_t H, int rows,
+                                             int warp, int lane, ForwardShared& smem) {
+  float dots[kTasksPerWarp];
+  warp_rows_dot<scalar_t, kAligned>(task_rows, weight, H, lane, smem.ring[warp], dots);
+#pragma unroll
+  for (int k = 0; k < kTasksPerWarp; ++k) {
+    const int i = warp + k * kWarps;
+    if (lane == 0 && i <= rows) smem.chunk_scores[i] = task_rows[k] == nullptr ? 0.0f : dots[k] + bias_value;
+  }
+}
+
 // Grid: B * chunks_per_row blocks; block = (b, chunk), positions t0 .. t0 + kRowsPerBlock - 1.
 // At least kForwardBlocksPerSM resident blocks (<= 40 registers): 48 warps, 3 packs in flight each.
 template <typename scalar_t, bool kAligned>
@@ -275,13 +296,7 @@ __global__ void __launch_bounds__(kThreads, kForwardBlocksPerSM) redistribute_fo
                    : RED_MUTANT(7) ? hidden + static_cast<int32_t>(b * stride_b + t * stride_t)
                                    : hidden + b * stride_b + t * stride_t;
   }
-  float dots[kTasksPerWarp];
-  warp_rows_dot<scalar_t, kAligned>(task_rows, weight, H, lane, smem.ring[warp], dots);
-#pragma unroll
-  for (int k = 0; k < kTasksPerWarp; ++k) {
-    const int i = warp + k * kWarps;
-    if (lane == 0 && i <= rows) smem.chunk_scores[i] = task_rows[k] == nullptr ? 0.0f : dots[k] + bias_value;
-  }
+  block_scores<scalar_t, kAligned>(task_rows, weight, bias_value, H, rows, warp, lane, smem);
   // Does the row have a real token after this block's positions? Then its last token is elsewhere.
   bool later = false;
   int64_t window = t0 + rows;
@@ -319,6 +334,96 @@ __global__ void __launch_bounds__(kThreads, kForwardBlocksPerSM) redistribute_fo
       last_index[b] = -1;
       rewards[b] = 0.0f;
     }
+  }
+}
+
+// Packed forward: the same step (1) over flat blocks of kRowsPerBlock tokens, whatever sequences they
+// belong to. Block k holds tokens j0 = k * kRowsPerBlock ...; task i is token j0 - 1 + i (task 0 the halo,
+// needed when token j0 continues a sequence and its baseline counts). The tokens' slots are found once per
+// block: slot_of for the halo token, then a walk forward to each task's token (a block crosses at most
+// kRowsPerBlock slot ends, plus any empty slots between them). A sequence's last_index and reward are
+// written by the thread of its last real token, an empty sequence's (-1, 0) by a grid-stride pass.
+struct VarlenForwardShared {
+  ForwardShared forward;
+  int64_t task_slot[kRowsPerBlock + 1];  // the slot of task i's token, -1 when it is padding
+  int64_t task_position[kRowsPerBlock + 1];  // its position in the slot
+};
+
+template <typename scalar_t, bool kAligned>
+__global__ void __launch_bounds__(kThreads, kForwardBlocksPerSM) redistribute_varlen_forward_kernel(
+    const scalar_t* __restrict__ hidden, int64_t stride_t, const float* __restrict__ weight,
+    const float* __restrict__ bias, const int64_t* __restrict__ cu_seqlens, const int64_t* __restrict__ seq_lens,
+    const int64_t* __restrict__ start, const float* __restrict__ prev_scores, int64_t N, int64_t T, int64_t H,
+    bool baseline_zero, float* __restrict__ scores, float* __restrict__ rewards, float* __restrict__ token_rewards,
+    int64_t* __restrict__ last_index) {
+  RED_BLOCK_SHARED(VarlenForwardShared, smem);
+  const int64_t j0 = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock;
+  const int rows = static_cast<int>(min64(kRowsPerBlock, T - j0));  // j0 < T, so 1 <= rows <= kRowsPerBlock
+  const float bias_value = bias == nullptr ? 0.0f : bias[0];
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+
+  // Empty sequences have no last token: their (-1, 0) is written once, by the grid-stride pass.
+  if (!RED_MUTANT(9)) {
+    for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < N;
+         i += static_cast<int64_t>(gridDim.x) * kThreads) {
+      if (seq_lens[i] == 0) {
+        last_index[i] = -1;
+        rewards[i] = 0.0f;
+      }
+    }
+  }
+  if (threadIdx.x <= static_cast<unsigned>(rows)) {
+    const int64_t j = j0 - 1 + threadIdx.x;
+    int64_t slot = slot_of(cu_seqlens, N, j0 > 0 ? j0 - 1 : 0);
+    while (slot < N && cu_seqlens[slot + 1] <= j) ++slot;
+    const int64_t t = slot < N ? j - cu_seqlens[slot] : 0;
+    const bool valid = j >= 0 && slot < N && t < seq_lens[slot];
+    smem.task_slot[threadIdx.x] = valid ? slot : -1;
+    smem.task_position[threadIdx.x] = t;
+  }
+  __syncthreads();  // publishes task_slot, task_position
+
+  // The halo: token j0's baseline is token j0 - 1's score (same sequence, t >= 1) when it counts.
+  const int64_t first_slot = smem.task_slot[1];
+  bool need_halo = false;
+  if (first_slot >= 0 && smem.task_position[1] >= 1) {
+    const int64_t t = smem.task_position[1];
+    const int64_t s = clamp_start(start[first_slot], seq_lens[first_slot]);
+    need_halo = is_response(true, t, s) && previous_counts(true, t, s, baseline_zero);
+  }
+  const scalar_t* task_rows[kTasksPerWarp];
+#pragma unroll
+  for (int k = 0; k < kTasksPerWarp; ++k) {
+    const int i = warp + k * kWarps;
+    const bool wanted = i <= rows && (i > 0 || need_halo) && smem.task_slot[i] >= 0;
+    task_rows[k] = wanted ? hidden + (j0 - 1 + i) * stride_t : nullptr;
+  }
+  block_scores<scalar_t, kAligned>(task_rows, weight, bias_value, H, rows, warp, lane, smem.forward);
+  __syncthreads();  // publishes chunk_scores
+
+  if (threadIdx.x < static_cast<unsigned>(rows)) {
+    const int i = threadIdx.x;
+    const int64_t j = j0 + i;
+    const int64_t slot = smem.task_slot[1 + i];
+    const float score = smem.forward.chunk_scores[1 + i];  // 0 at padding
+    float reward = 0.0f;
+    if (slot >= 0) {
+      const int64_t t = smem.task_position[1 + i], len = seq_lens[slot];
+      const int64_t s = clamp_start(start[slot], len);
+      if (t > 0) {
+        reward = token_reward(score, smem.forward.chunk_scores[i], true, true, t, s, baseline_zero);
+      } else if (prev_scores != nullptr) {
+        reward = first_token_reward(score, prev_scores[slot], true, s);
+      } else {
+        reward = token_reward(score, 0.0f, true, false, 0, s, baseline_zero);
+      }
+      if (t == len - 1) {
+        last_index[slot] = j;
+        rewards[slot] = score;
+      }
+    }
+    scores[j] = score;
+    token_rewards[j] = reward;
   }
 }
 
@@ -376,17 +481,75 @@ struct BackwardShared {
   uint4 ring[kStages][kThreads];  // per thread: its 16-byte column pack of rows in flight
 };
 
-// Grid: (chunks, column tiles). Block (c, y) takes rows [c * rows_per_chunk, ...) and columns
-// [y * kThreads * kVec, ...). grad_hidden == nullptr: not requested. partial: [chunks, H + 1] float32,
-// written for the columns when need_weight and for column H (by the y == 0 blocks) when need_bias.
-template <typename scalar_t, bool kAligned>
-__global__ void __launch_bounds__(kThreads) redistribute_backward_kernel(
-    const float* __restrict__ grad_scores, const float* __restrict__ grad_rewards,
-    const float* __restrict__ grad_token_rewards, const scalar_t* __restrict__ hidden, int64_t hidden_stride_b,
-    int64_t hidden_stride_t, const float* __restrict__ weight, const uint8_t* __restrict__ mask,
-    const int64_t* __restrict__ start, const int64_t* __restrict__ last_index, int64_t T, int64_t H, int64_t rows,
-    int64_t rows_per_chunk, bool baseline_zero, scalar_t* __restrict__ grad_hidden, int64_t grad_stride_b,
-    int64_t grad_stride_t, float* __restrict__ partial, bool need_weight, bool need_bias) {
+// What the backward needs of row r (a position of the padded [B, T] layout, or a packed token): g =
+// d(loss)/d(scores[r]), whether the row is real (only real rows are read), and its offsets into hidden and
+// grad_hidden. One type per layout: the backward's body is the same for both.
+struct RowGradient {
+  float g;
+  bool valid;
+  int64_t hidden_offset, grad_offset;
+};
+
+// Padded [B, T]: r = b * T + t, the index into every [B, T] tensor.
+struct PaddedRows {
+  const float* __restrict__ grad_scores;
+  const float* __restrict__ grad_rewards;
+  const float* __restrict__ grad_token_rewards;
+  const uint8_t* __restrict__ mask;
+  const int64_t* __restrict__ start;
+  const int64_t* __restrict__ last_index;
+  int64_t T, hidden_stride_b, hidden_stride_t, grad_stride_b, grad_stride_t;
+  bool baseline_zero;
+
+  __device__ __forceinline__ RowGradient operator()(int64_t r) const {
+    const int64_t b = r / T, t = r % T;
+    const uint8_t* mask_row = mask + b * T;
+    const bool valid = mask_row[t] != 0;
+    const bool has_next = t + 1 < T;
+    const float g = score_gradient(grad_scores[r], grad_rewards[b], grad_token_rewards[r],
+                                   has_next ? grad_token_rewards[r + 1] : 0.0f, valid, has_next && mask_row[t + 1] != 0,
+                                   last_index[b] == t, t, T, clamp_start(start[b], T), baseline_zero);
+    return {g, valid, b * hidden_stride_b + t * hidden_stride_t, b * grad_stride_b + t * grad_stride_t};
+  }
+};
+
+// Packed [T_local]: r is the token, in slot slot_of(r) at position r - cu[slot]; the slot's real tokens are a
+// sequence of seq_lens[slot] positions, so score_gradient sees the slot as a row of that length.
+struct PackedRows {
+  const float* __restrict__ grad_scores;
+  const float* __restrict__ grad_rewards;
+  const float* __restrict__ grad_token_rewards;
+  const int64_t* __restrict__ cu_seqlens;
+  const int64_t* __restrict__ seq_lens;
+  const int64_t* __restrict__ start;
+  const int64_t* __restrict__ last_index;
+  int64_t N, hidden_stride, grad_stride;
+  bool baseline_zero;
+
+  __device__ __forceinline__ RowGradient operator()(int64_t r) const {
+    const int64_t slot = slot_of(cu_seqlens, N, r + (RED_MUTANT(10) ? 1 : 0));
+    RowGradient row{0.0f, false, r * hidden_stride, r * grad_stride};
+    if (slot < N) {
+      const int64_t t = r - cu_seqlens[slot], len = seq_lens[slot];
+      row.valid = t < len;
+      const bool has_next = t + 1 < len;
+      row.g = score_gradient(grad_scores[r], grad_rewards[slot], grad_token_rewards[r],
+                             has_next ? grad_token_rewards[r + 1] : 0.0f, row.valid, has_next, last_index[slot] == r,
+                             t, len, clamp_start(start[slot], len), baseline_zero);
+    }
+    return row;
+  }
+};
+
+// The backward's body for either layout. Grid: (chunks, column tiles). Block (c, y) takes rows
+// [c * rows_per_chunk, ...) and columns [y * kThreads * kVec, ...). grad_hidden == nullptr: not requested.
+// partial: [chunks, H + 1] float32, written for the columns when need_weight and for column H (by the
+// y == 0 blocks) when need_bias.
+template <typename scalar_t, bool kAligned, typename Rows>
+__device__ __forceinline__ void backward_rows(const Rows& row_of, const scalar_t* __restrict__ hidden,
+                                              const float* __restrict__ weight, int64_t H, int64_t rows,
+                                              int64_t rows_per_chunk, scalar_t* __restrict__ grad_hidden,
+                                              float* __restrict__ partial, bool need_weight, bool need_bias) {
   constexpr int V = kVec<scalar_t>;
   RED_BLOCK_SHARED(BackwardShared, smem);
 
@@ -412,20 +575,12 @@ __global__ void __launch_bounds__(kThreads) redistribute_backward_kernel(
   for (int64_t tile = row_begin; tile < row_end; tile += kThreads) {
     const int n = static_cast<int>(min64(kThreads, row_end - tile));
     if (threadIdx.x < static_cast<unsigned>(n)) {
-      const int64_t r = tile + threadIdx.x;
-      const int64_t b = r / T, t = r % T;  // r = b * T + t, the index into every [B, T] tensor
-      const uint8_t* mask_row = mask + b * T;
-      const bool valid = mask_row[t] != 0;
-      const bool has_next = t + 1 < T;
-      const float g = score_gradient(grad_scores[r], grad_rewards[b], grad_token_rewards[r],
-                                     has_next ? grad_token_rewards[r + 1] : 0.0f, valid,
-                                     has_next && mask_row[t + 1] != 0, last_index[b] == t, t, T,
-                                     clamp_start(start[b], T), baseline_zero);
-      smem.tile_g[threadIdx.x] = g;
-      smem.tile_valid[threadIdx.x] = valid;
-      smem.tile_hidden_offset[threadIdx.x] = b * hidden_stride_b + t * hidden_stride_t;
-      smem.tile_grad_offset[threadIdx.x] = b * grad_stride_b + t * grad_stride_t;
-      g_sum += g;
+      const RowGradient row = row_of(tile + threadIdx.x);
+      smem.tile_g[threadIdx.x] = row.g;
+      smem.tile_valid[threadIdx.x] = row.valid;
+      smem.tile_hidden_offset[threadIdx.x] = row.hidden_offset;
+      smem.tile_grad_offset[threadIdx.x] = row.grad_offset;
+      g_sum += row.g;
     }
     __syncthreads();
     if (columns) {
@@ -482,6 +637,37 @@ __global__ void __launch_bounds__(kThreads) redistribute_backward_kernel(
       partial[chunk * (H + 1) + H] = total;
     }
   }
+}
+
+// Grid and arguments: backward_rows'. The padded layout's rows are b * T + t.
+template <typename scalar_t, bool kAligned>
+__global__ void __launch_bounds__(kThreads) redistribute_backward_kernel(
+    const float* __restrict__ grad_scores, const float* __restrict__ grad_rewards,
+    const float* __restrict__ grad_token_rewards, const scalar_t* __restrict__ hidden, int64_t hidden_stride_b,
+    int64_t hidden_stride_t, const float* __restrict__ weight, const uint8_t* __restrict__ mask,
+    const int64_t* __restrict__ start, const int64_t* __restrict__ last_index, int64_t T, int64_t H, int64_t rows,
+    int64_t rows_per_chunk, bool baseline_zero, scalar_t* __restrict__ grad_hidden, int64_t grad_stride_b,
+    int64_t grad_stride_t, float* __restrict__ partial, bool need_weight, bool need_bias) {
+  const PaddedRows row_of{grad_scores,     grad_rewards,    grad_token_rewards, mask,          start,
+                          last_index,      T,               hidden_stride_b,    hidden_stride_t, grad_stride_b,
+                          grad_stride_t,   baseline_zero};
+  backward_rows<scalar_t, kAligned>(row_of, hidden, weight, H, rows, rows_per_chunk, grad_hidden, partial, need_weight,
+                                    need_bias);
+}
+
+// The packed layout's rows are the T_local tokens.
+template <typename scalar_t, bool kAligned>
+__global__ void __launch_bounds__(kThreads) redistribute_varlen_backward_kernel(
+    const float* __restrict__ grad_scores, const float* __restrict__ grad_rewards,
+    const float* __restrict__ grad_token_rewards, const scalar_t* __restrict__ hidden, int64_t hidden_stride,
+    const float* __restrict__ weight, const int64_t* __restrict__ cu_seqlens, const int64_t* __restrict__ seq_lens,
+    const int64_t* __restrict__ start, const int64_t* __restrict__ last_index, int64_t N, int64_t H, int64_t rows,
+    int64_t rows_per_chunk, bool baseline_zero, scalar_t* __restrict__ grad_hidden, int64_t grad_stride,
+    float* __restrict__ partial, bool need_weight, bool need_bias) {
+  const PackedRows row_of{grad_scores, grad_rewards, grad_token_rewards, cu_seqlens,   seq_lens,     start,
+                          last_index,  N,            hidden_stride,      grad_stride, baseline_zero};
+  backward_rows<scalar_t, kAligned>(row_of, hidden, weight, H, rows, rows_per_chunk, grad_hidden, partial, need_weight,
+                                    need_bias);
 }
 
 struct ReduceShared {
@@ -645,6 +831,17 @@ bool backward_aligned(const BackwardArgs<scalar_t>& a) {
           rows_aligned(a.grad_hidden, sizeof(scalar_t), a.B, a.grad_stride_b, a.T, a.grad_stride_t));
 }
 
+// The second backward launch, when a weight or bias gradient is requested: partial's chunks summed in order.
+template <typename Launch>
+void launch_reduce(Launch&& launch, const BackwardPlan& plan, float* partial, int64_t H, float* grad_weight,
+                   float* grad_bias) {
+  if (plan.partial_elements > 0) {
+    launch("reduce_partials_kernel", reduce_partials_kernel, dim3(static_cast<unsigned>(plan.reduce_blocks)),
+           dim3(kWarpSize, kWarps), static_cast<const float*>(partial), plan.chunks, H, plan.j_begin, plan.j_end,
+           grad_weight, grad_bias);
+  }
+}
+
 // !plan.empty and plan.fits. Launches the vectorised variant when backward_aligned, and says whether it did.
 template <typename scalar_t, typename Launch>
 bool launch_backward(Launch&& launch, const BackwardPlan& plan, const BackwardArgs<scalar_t>& a) {
@@ -662,11 +859,99 @@ bool launch_backward(Launch&& launch, const BackwardPlan& plan, const BackwardAr
   } else {
     run(redistribute_backward_kernel<scalar_t, false>);
   }
-  if (plan.partial_elements > 0) {
-    launch("reduce_partials_kernel", reduce_partials_kernel, dim3(static_cast<unsigned>(plan.reduce_blocks)),
-           dim3(kWarpSize, kWarps), static_cast<const float*>(a.partial), plan.chunks, a.H, plan.j_begin, plan.j_end,
-           a.grad_weight, a.grad_bias);
+  launch_reduce(launch, plan, a.partial, a.H, a.grad_weight, a.grad_bias);
+  return aligned;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Packed launches (redistribute_varlen): hidden [T, H] is the padded layout's one row of T positions, so
+// the alignment rule and the backward's plan are the padded ones with B = 1.
+
+inline ForwardPlan varlen_forward_plan(int64_t T) {
+  ForwardPlan plan;
+  plan.chunks_per_row = (T + kRowsPerBlock - 1) / kRowsPerBlock;
+  plan.blocks = plan.chunks_per_row;
+  plan.fits = plan.blocks <= std::numeric_limits<int32_t>::max();
+  return plan;
+}
+
+template <typename scalar_t>
+struct VarlenForwardArgs {
+  const scalar_t* hidden;
+  int64_t stride_t;
+  const float* weight;
+  const float* bias;  // nullptr: no bias
+  const int64_t* cu_seqlens;
+  const int64_t* seq_lens;
+  const int64_t* start;
+  const float* prev_scores;  // nullptr: none carried
+  int64_t N, T, H;
+  bool baseline_zero;
+  float* scores;
+  float* rewards;
+  float* token_rewards;
+  int64_t* last_index;
+};
+
+// T >= 1 and plan.fits. Launches the vectorised variant when hidden's rows and weight are 16-byte aligned.
+template <typename scalar_t, typename Launch>
+bool launch_varlen_forward(Launch&& launch, const ForwardPlan& plan, const VarlenForwardArgs<scalar_t>& a) {
+  const bool aligned = rows_aligned(a.hidden, sizeof(scalar_t), 1, 0, a.T, a.stride_t) &&
+                       reinterpret_cast<uintptr_t>(a.weight) % 16 == 0;
+  auto run = [&](auto kernel) {
+    launch("redistribute_varlen_forward_kernel", kernel, dim3(static_cast<unsigned>(plan.blocks)), dim3(kThreads),
+           a.hidden, a.stride_t, a.weight, a.bias, a.cu_seqlens, a.seq_lens, a.start, a.prev_scores, a.N, a.T, a.H,
+           a.baseline_zero, a.scores, a.rewards, a.token_rewards, a.last_index);
+  };
+  if (aligned) {
+    run(redistribute_varlen_forward_kernel<scalar_t, true>);
+  } else {
+    run(redistribute_varlen_forward_kernel<scalar_t, false>);
   }
+  return aligned;
+}
+
+template <typename scalar_t>
+struct VarlenBackwardArgs {
+  const float* grad_scores;
+  const float* grad_rewards;
+  const float* grad_token_rewards;
+  const scalar_t* hidden;
+  int64_t hidden_stride;
+  const float* weight;
+  const int64_t* cu_seqlens;
+  const int64_t* seq_lens;
+  const int64_t* start;
+  const int64_t* last_index;
+  int64_t N, T, H;
+  bool baseline_zero;
+  scalar_t* grad_hidden;  // nullptr: not requested
+  int64_t grad_stride;
+  float* grad_weight;  // nullptr: not requested
+  float* grad_bias;    // nullptr: not requested
+  float* partial;      // plan.partial_elements floats, or nullptr when that is 0
+};
+
+// plan = backward_plan(1, T, ...), !plan.empty and plan.fits. Says whether the vectorised variant ran.
+template <typename scalar_t, typename Launch>
+bool launch_varlen_backward(Launch&& launch, const BackwardPlan& plan, const VarlenBackwardArgs<scalar_t>& a) {
+  const bool need_weight = a.grad_weight != nullptr, need_bias = a.grad_bias != nullptr;
+  const bool aligned =
+      (a.grad_weight == nullptr || rows_aligned(a.hidden, sizeof(scalar_t), 1, 0, a.T, a.hidden_stride)) &&
+      (a.grad_hidden == nullptr || rows_aligned(a.grad_hidden, sizeof(scalar_t), 1, 0, a.T, a.grad_stride));
+  auto run = [&](auto kernel) {
+    launch("redistribute_varlen_backward_kernel", kernel,
+           dim3(static_cast<unsigned>(plan.chunks), static_cast<unsigned>(plan.column_tiles)), dim3(kThreads),
+           a.grad_scores, a.grad_rewards, a.grad_token_rewards, a.hidden, a.hidden_stride, a.weight, a.cu_seqlens,
+           a.seq_lens, a.start, a.last_index, a.N, a.H, plan.rows, plan.rows_per_chunk, a.baseline_zero, a.grad_hidden,
+           a.grad_stride, a.partial, need_weight, need_bias);
+  };
+  if (aligned) {
+    run(redistribute_varlen_backward_kernel<scalar_t, true>);
+  } else {
+    run(redistribute_varlen_backward_kernel<scalar_t, false>);
+  }
+  launch_reduce(launch, plan, a.partial, a.H, a.grad_weight, a.grad_bias);
   return aligned;
 }
 

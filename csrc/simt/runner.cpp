@@ -3,11 +3,13 @@
 // outputs back there. Usage:
 //   redistribute_sim forward DIR     reads DIR/meta and DIR/*.bin, writes scores, rewards, token_rewards, last_index
 //   redistribute_sim backward DIR    writes grad_hidden, grad_weight, grad_bias
+//   redistribute_sim varlen_forward DIR, varlen_backward DIR: the same for red_kernels::redistribute_varlen
 // Exit status: 0 on success; 2 when the emulator caught an error (printed to stderr, nothing written);
 // 1 for bad input; 124 when a block did not finish in time. Sanitizers report and abort on their own.
 //
 // Like redistribute.cu, this file only allocates and dispatches: the launches themselves (grid, block,
-// alignment, argument order) are launch_forward / launch_backward from the kernels' header.
+// alignment, argument order) are launch_forward / launch_backward and their varlen twins from the kernels'
+// header.
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -290,6 +292,106 @@ int backward(const Case& c) {
   return 0;
 }
 
+// Packed sequences: hidden [T, H] with row stride stride_t; cu_seqlens [N + 1], seq_lens and start [N] int64.
+template <typename scalar_t>
+int varlen_forward(const Case& c) {
+  using namespace red_kernels::cuda_impl;
+  const int64_t N = c.get("N"), T = c.get("T"), H = c.get("H");
+  const int64_t span = c.get("hidden_span"), misalign = c.get("hidden_misalign");
+  auto hidden = c.get("hidden_sparse") ? Buffer::map(c.path("hidden"), span * sizeof(scalar_t), misalign)
+                                       : input(c, "hidden", span * sizeof(scalar_t), misalign);
+  auto weight = input(c, "weight", H * 4, c.get("weight_misalign"));
+  std::unique_ptr<Buffer> bias = c.get("has_bias") ? input(c, "bias", 4) : nullptr;
+  std::unique_ptr<Buffer> prev_scores = c.get("has_prev_scores") ? input(c, "prev_scores", N * 4) : nullptr;
+  auto cu_seqlens = input(c, "cu_seqlens", (N + 1) * 8);
+  auto seq_lens = input(c, "seq_lens", N * 8);
+  auto start = input(c, "start", N * 8);
+  auto scores = poisoned(T * 4), rewards = poisoned(N * 4), token_rewards = poisoned(T * 4);
+  auto last_index = std::make_unique<Buffer>(N * 8, 0, 0);
+  for (int64_t i = 0; i < N; ++i) last_index->as<int64_t>()[i] = std::numeric_limits<int64_t>::max();
+
+  if (T > 0) {
+    const ForwardPlan plan = varlen_forward_plan(T);
+    if (!plan.fits) bad_input("T too large for one launch");
+    const VarlenForwardArgs<scalar_t> args{hidden->as<scalar_t>(), c.get("stride_t"), weight->as<float>(),
+                                           bias ? bias->as<float>() : nullptr, cu_seqlens->as<int64_t>(),
+                                           seq_lens->as<int64_t>(), start->as<int64_t>(),
+                                           prev_scores ? prev_scores->as<float>() : nullptr, N, T, H,
+                                           c.get("baseline_zero") != 0, scores->as<float>(), rewards->as<float>(),
+                                           token_rewards->as<float>(), last_index->as<int64_t>()};
+    const bool aligned = launch_varlen_forward(simt::Launch{}, plan, args);
+    if (simt::any_failure()) return report_failure();
+    std::printf("aligned %d blocks %lld\n", aligned ? 1 : 0, static_cast<long long>(plan.blocks));
+  } else {  // as redistribute.cu: no tokens, every sequence empty
+    for (int64_t i = 0; i < N; ++i) {
+      last_index->as<int64_t>()[i] = -1;
+      rewards->as<float>()[i] = 0.0f;
+    }
+  }
+  scores->write(c.path("scores"), T * 4);
+  rewards->write(c.path("rewards"), N * 4);
+  token_rewards->write(c.path("token_rewards"), T * 4);
+  last_index->write(c.path("last_index"), N * 8);
+  return 0;
+}
+
+template <typename scalar_t>
+int varlen_backward(const Case& c) {
+  using namespace red_kernels::cuda_impl;
+  const int64_t N = c.get("N"), T = c.get("T"), H = c.get("H");
+  const bool need_hidden = c.get("need_hidden") != 0, need_weight = c.get("need_weight") != 0,
+             need_bias = c.get("need_bias") != 0;
+  const int64_t span = c.get("hidden_span"), misalign = c.get("hidden_misalign");
+  auto hidden = c.get("hidden_sparse") ? Buffer::map(c.path("hidden"), span * sizeof(scalar_t), misalign)
+                                       : input(c, "hidden", span * sizeof(scalar_t), misalign);
+  auto weight = input(c, "weight", H * 4, c.get("weight_misalign"));
+  auto cu_seqlens = input(c, "cu_seqlens", (N + 1) * 8);
+  auto seq_lens = input(c, "seq_lens", N * 8);
+  auto start = input(c, "start", N * 8);
+  auto last_index = input(c, "last_index", N * 8);
+  auto grad_scores = input(c, "grad_scores", T * 4), grad_rewards = input(c, "grad_rewards", N * 4),
+       grad_token_rewards = input(c, "grad_token_rewards", T * 4);
+  auto grad_hidden = poisoned(need_hidden ? T * H * static_cast<int64_t>(sizeof(scalar_t)) : 0);
+  auto grad_weight = poisoned(need_weight ? H * 4 : 0), grad_bias = poisoned(need_bias ? 4 : 0);
+
+  const BackwardPlan plan =
+      backward_plan(1, T, H, sizeof(scalar_t), need_hidden, need_weight, need_bias, c.get("sm_count"));
+  if (plan.empty) {
+    std::memset(grad_weight->as<float>(), 0, need_weight ? H * 4 : 0);
+    std::memset(grad_bias->as<float>(), 0, need_bias ? 4 : 0);
+  } else {
+    if (!plan.fits) bad_input("H too large for one launch");
+    auto partial = poisoned(plan.partial_elements * 4);
+    const VarlenBackwardArgs<scalar_t> args{grad_scores->as<float>(),
+                                            grad_rewards->as<float>(),
+                                            grad_token_rewards->as<float>(),
+                                            hidden->as<scalar_t>(),
+                                            c.get("stride_t"),
+                                            weight->as<float>(),
+                                            cu_seqlens->as<int64_t>(),
+                                            seq_lens->as<int64_t>(),
+                                            start->as<int64_t>(),
+                                            last_index->as<int64_t>(),
+                                            N,
+                                            T,
+                                            H,
+                                            c.get("baseline_zero") != 0,
+                                            need_hidden ? grad_hidden->as<scalar_t>() : nullptr,
+                                            need_hidden ? H : 0,
+                                            need_weight ? grad_weight->as<float>() : nullptr,
+                                            need_bias ? grad_bias->as<float>() : nullptr,
+                                            plan.partial_elements > 0 ? partial->as<float>() : nullptr};
+    const bool aligned = launch_varlen_backward(simt::Launch{}, plan, args);
+    if (simt::any_failure()) return report_failure();
+    std::printf("aligned %d chunks %lld column_tiles %lld\n", aligned ? 1 : 0, static_cast<long long>(plan.chunks),
+                static_cast<long long>(plan.column_tiles));
+  }
+  if (need_hidden) grad_hidden->write(c.path("grad_hidden"), T * H * static_cast<int64_t>(sizeof(scalar_t)));
+  if (need_weight) grad_weight->write(c.path("grad_weight"), H * 4);
+  if (need_bias) grad_bias->write(c.path("grad_bias"), 4);
+  return 0;
+}
+
 template <template <typename> class Fn>
 int dispatch(const Case& c) {
   switch (c.get("dtype")) {
@@ -312,16 +414,26 @@ template <typename scalar_t>
 struct Backward {
   static int run(const Case& c) { return backward<scalar_t>(c); }
 };
+template <typename scalar_t>
+struct VarlenForward {
+  static int run(const Case& c) { return varlen_forward<scalar_t>(c); }
+};
+template <typename scalar_t>
+struct VarlenBackward {
+  static int run(const Case& c) { return varlen_backward<scalar_t>(c); }
+};
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc != 3) bad_input("usage: redistribute_sim forward|backward DIR");
+  if (argc != 3) bad_input("usage: redistribute_sim forward|backward|varlen_forward|varlen_backward DIR");
   if (const char* value = std::getenv("SIMT_CONCURRENT_BLOCKS")) simt::options().concurrent_blocks = std::atoi(value);
   if (const char* value = std::getenv("SIMT_TIMEOUT")) simt::options().timeout_seconds = std::atof(value);
   const Case c(argv[2]);
   const std::string what = argv[1];
   if (what == "forward") return dispatch<Forward>(c);
   if (what == "backward") return dispatch<Backward>(c);
+  if (what == "varlen_forward") return dispatch<VarlenForward>(c);
+  if (what == "varlen_backward") return dispatch<VarlenBackward>(c);
   bad_input("unknown command " + what);
 }
