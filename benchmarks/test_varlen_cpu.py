@@ -7,8 +7,11 @@ pytest-benchmark group per kind, dtype and shape. B sequences of random lengths 
            packed inputs the public call hands its backends; compiled and warmed up before any timing
 
 Target (printed by report.py, not asserted): varlen's time proportional to the real tokens, i.e.
-varlen / padded about nnz / (B * T). Every provider's result is checked against the float64 spec before it is
-timed (forward: the outputs; forward+backward: the gradients in hidden, weight and bias).
+varlen / padded about nnz / (B * T). The padded kernel never reads padding rows either, so its forward already
+costs about the real tokens' reads plus a per-position pass, and varlen / padded sits nearer 1 there; the
+backward writes grad_hidden for all B * T rows, which varlen does for nnz. Every provider's result is checked
+against the float64 spec before it is timed (forward: the outputs; forward+backward: the gradients in hidden,
+weight and bias).
 """
 
 from __future__ import annotations
