@@ -7,7 +7,10 @@ Per dtype and shape, the median ms [q1, q3] of each provider, then
   forward:           eager / cpu, compile / cpu (> 1: cpu is faster), cpu / read (the floor; 1.0 = reads hidden
                      as fast as torch.sum does)
   forward+backward:  eager / cpu, compile / cpu, best / cpu where best is the faster of eager and compile
-with the targets of issues 2, 4 and 16 marked met or NOT met (they are reported, never asserted).
+  varlen (both kinds, test_varlen_cpu.py): varlen / padded against the share of real tokens nnz / (B * T)
+                     (time proportional to the real tokens: varlen / padded <= VARLEN_SLACK x that share),
+                     compile / varlen
+with the targets of issues 2, 4, 14 and 16 marked met or NOT met (they are reported, never asserted).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ STORAGE = Path(__file__).resolve().parent / "results" / "pytest"
 FORWARD_FLOOR = 1.15  # cpu / read, every dtype (issue 16)
 FORWARD_VS_EAGER = {"bfloat16": 5.0, "float32": 1.5}  # eager / cpu (issue 2)
 BACKWARD_VS_EAGER = {"bfloat16": 3.0}  # eager / cpu (issue 4)
+VARLEN_SLACK = 1.15  # varlen / padded over nnz / (B * T) (issue 14)
 
 
 def newest_run(storage: Path = STORAGE) -> Path:
@@ -41,8 +45,15 @@ def groups(run: dict) -> dict[tuple, dict[str, dict]]:
     return found
 
 
-def ratios(kind: str, dtype: str, stats: dict[str, dict]) -> list[tuple[str, float, str]]:
-    """(name, value, verdict) for one group; a ratio whose providers are missing is left out."""
+def real_token_shares(run: dict) -> dict[tuple, float]:
+    """(kind, dtype, B, T, H) -> nnz / (B * T), for the groups of test_varlen_cpu.py."""
+    return {(info["kind"], info["dtype"], info["B"], info["T"], info["H"]): info["nnz"] / (info["B"] * info["T"])
+            for info in (bench.get("extra_info", {}) for bench in run["benchmarks"]) if "nnz" in info}
+
+
+def ratios(kind: str, dtype: str, stats: dict[str, dict], share: float | None = None) -> list[tuple[str, float, str]]:
+    """(name, value, verdict) for one group; a ratio whose providers are missing is left out. ``share``: the
+    real tokens' share nnz / (B * T) of a varlen group."""
     median = {name: s["median"] for name, s in stats.items()}
     rows = []
 
@@ -54,7 +65,11 @@ def ratios(kind: str, dtype: str, stats: dict[str, dict]) -> list[tuple[str, flo
     def mark(ok: bool, target: str) -> str:
         return f"{target}: {'met' if ok else 'NOT met'}"
 
-    if kind == "forward":
+    if kind.startswith("varlen"):
+        add("varlen / padded", "varlen", "padded",
+            lambda v: mark(v <= VARLEN_SLACK * share, f"<= {VARLEN_SLACK} x nnz share {share:.3f}") if share else "")
+        add("compile / varlen", "compile", "varlen")
+    elif kind == "forward":
         want = FORWARD_VS_EAGER.get(dtype)
         add("eager / cpu", "eager", "cpu", lambda v: mark(v >= want, f">= {want}x") if want else "")
         add("compile / cpu", "compile", "cpu", lambda v: mark(v > 1.0, "> 1x"))
@@ -73,12 +88,14 @@ def report(run: dict) -> str:
     machine = run.get("machine_info", {})
     lines = [f"{run.get('datetime', '?')}  {machine.get('cpu', {}).get('brand_raw', machine.get('processor', '?'))}, "
              f"{machine.get('cpu', {}).get('count', '?')} cpus, python {machine.get('python_version', '?')}"]
-    for (kind, dtype, B, T, H), stats in sorted(groups(run).items()):
+    shares = real_token_shares(run)
+    for key, stats in sorted(groups(run).items()):
+        kind, dtype, B, T, H = key
         lines.append(f"\n{kind} {dtype} B={B} T={T} H={H}: median ms [q1, q3], rounds")
         for name, s in stats.items():
             quartiles = f"[{s['q1'] * 1e3:.3f}, {s['q3'] * 1e3:.3f}]"
             lines.append(f"  {name:8} {s['median'] * 1e3:9.3f} {quartiles}  {s['rounds']}")
-        for name, value, verdict in ratios(kind, dtype, stats):
+        for name, value, verdict in ratios(kind, dtype, stats, shares.get(key)):
             lines.append(f"  {name:30} {value:6.2f}x  {verdict}")
     return "\n".join(lines)
 

@@ -1,10 +1,15 @@
-// The CPU kernel of red_kernels::redistribute and its backward.
+// The CPU kernels of red_kernels::redistribute (padded, SPEC.md section 2) and
+// red_kernels::redistribute_varlen (packed, section 5), and their backwards.
 //
-// Forward, one pass over hidden: positions b*T+t are split into chunks run in parallel; each
-// position's score is a float32 dot product with the upcast weight, and its token reward is
-// taken right there from the previous position's score, carried along the chunk (a chunk that
-// starts mid-row recomputes the one halo row before it). The last index and reward of each row
-// then come from a scan of the [B, T] mask and scores, never of hidden.
+// Both ops run the same two loops over a flat range of positions; a row layout (PaddedRows: position
+// b*T+t and the mask; PackedSlots: packed token j and the slots it walks) says where each position's
+// hidden row lies and what red_rule.h's rule needs to know about it. Padding is never read.
+//
+// Forward, one pass over hidden: the positions are split into chunks run in parallel; each real
+// position's score is a float32 dot product with the upcast weight, and its token reward is taken
+// right there from the previous position's score, carried along the chunk (a chunk that starts
+// mid-sequence recomputes the one halo row before it). The last index and reward of each sequence
+// then come from the mask (padded) or the offsets (packed) and the scores, never from hidden.
 //
 // Backward, one pass over hidden: each position's score gradient g (red_rule.h) gives
 // grad_hidden = g * weight, and grad_weight = sum g * hidden is summed per fixed block of
@@ -322,88 +327,130 @@ at::Tensor empty_gradient_buffer(at::IntArrayRef sizes, const at::TensorOptions&
   return at::empty(sizes, options);
 }
 
+// ---------------------------------------------------------------------------------------------
+// Row layouts: all the padded and the packed op do differently. Both ops run the same two loops
+// (forward_positions, backward_positions) over a flat range of positions; a layout says where each
+// position's hidden row lies and what red_rule.h needs to know about it. A Walk steps through one
+// chunk's positions in order (the packed one follows the slots instead of searching each time).
+
+struct Position {
+  int64_t seq;     // its sequence: row b, or slot i (N past the last slot)
+  int64_t t;       // its index in that sequence
+  int64_t length;  // the sequence's positions as the rule sees them: T for a padded row, seq_lens[i] for a slot
+  int64_t start;   // the sequence's response start, clamped
+  bool valid, valid_prev, valid_next;  // whether t, t-1 and t+1 are real tokens of the sequence
+};
+
+// Padded (SPEC section 2): position i = b*T + t of B rows of T positions; the mask says which are real.
+struct PaddedRows {
+  const char* base;
+  int64_t stride_b, stride_t;  // bytes
+  const uint8_t* mask;         // [B, T]
+  const int64_t* starts;       // [B]
+  const int64_t* last;         // [B] last_index (backward only)
+  int64_t B, T;
+
+  int64_t positions() const { return B * T; }
+  const char* row(int64_t, const Position& p) const { return base + p.seq * stride_b + p.t * stride_t; }
+  const char* row_before(int64_t, const Position& p) const { return base + p.seq * stride_b + (p.t - 1) * stride_t; }
+  float carried(int64_t) const { return std::numeric_limits<float>::quiet_NaN(); }  // no baseline from elsewhere
+  bool is_last(int64_t, const Position& p) const { return p.t == last[p.seq]; }
+
+  struct Walk {
+    const PaddedRows& rows;
+    int64_t b, t;
+    Position next(int64_t i) {  // position i, then on to i + 1
+      const int64_t T = rows.T;
+      const Position p{b, t, T, clamp_start(rows.starts[b], T), rows.mask[i] != 0, t > 0 && rows.mask[i - 1] != 0,
+                       t + 1 < T && rows.mask[i + 1] != 0};
+      if (++t == T) {
+        t = 0;
+        ++b;
+      }
+      return p;
+    }
+  };
+  Walk walk(int64_t begin) const { return {*this, begin / T, begin % T}; }
+};
+
+// Packed (SPEC section 5): token j of T_local; slot i holds [cu[i], cu[i+1]), its first seq_lens[i] real.
+struct PackedSlots {
+  const char* base;
+  int64_t stride;         // bytes between tokens
+  const int64_t* cu;      // [N + 1], validated
+  const int64_t* lens;    // [N], validated
+  const int64_t* starts;  // [N]
+  const float* prev;      // [N] carried baselines (NaN: none), or nullptr
+  const int64_t* last;    // [N] last_index (backward only)
+  int64_t N, total;
+
+  int64_t positions() const { return total; }
+  const char* row(int64_t j, const Position&) const { return base + j * stride; }
+  const char* row_before(int64_t j, const Position&) const { return base + (j - 1) * stride; }
+  float carried(int64_t i) const { return prev != nullptr ? prev[i] : std::numeric_limits<float>::quiet_NaN(); }
+  bool is_last(int64_t j, const Position& p) const { return j == last[p.seq]; }
+
+  struct Walk {
+    const PackedSlots& slots;
+    int64_t i;
+    Position next(int64_t j) {  // positions come in increasing order
+      while (i < slots.N && slots.cu[i + 1] <= j) ++i;  // empty slots hold nothing
+      if (i == slots.N) return {i, j - slots.cu[i], 0, 0, false, false, false};  // past the last slot
+      const int64_t t = j - slots.cu[i], length = slots.lens[i];
+      return {i, t, length, clamp_start(slots.starts[i], length), t < length, t >= 1 && t - 1 < length,
+              t + 1 < length};
+    }
+  };
+  Walk walk(int64_t begin) const { return {*this, slot_of(cu, N, begin)}; }
+};
+
 // Positions per parallel task: enough work (~64K multiply-adds) to pay for scheduling.
 int64_t position_grain(int64_t H) { return std::max<int64_t>(1, (int64_t{1} << 16) / H); }
 
 // ---------------------------------------------------------------------------------------------
-// The op.
+// The two loops.
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> redistribute_cpu(
-    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& mask,
-    const at::Tensor& start, bool baseline_zero) {
-  check_forward(hidden, weight, bias, mask, start);
-  const int64_t B = hidden.size(0), T = hidden.size(1), H = hidden.size(2);
-  const auto f32 = hidden.options().dtype(at::kFloat);
-  at::Tensor scores = at::empty({B, T}, f32);
-  at::Tensor token_rewards = at::empty({B, T}, f32);
-  at::Tensor rewards = at::empty({B}, f32);
-  at::Tensor last_index = at::empty({B}, hidden.options().dtype(at::kLong));
-
-  const RowKernels k = kernels_for(hidden.scalar_type());
-  const char* base = static_cast<const char*>(hidden.data_ptr());
-  const int64_t elem = hidden.element_size();
-  const int64_t stride_b = hidden.stride(0) * elem, stride_t = hidden.stride(1) * elem;  // bytes
-  const float* w = weight.data_ptr<float>();
-  const float b0 = bias.has_value() ? bias->data_ptr<float>()[0] : 0.0f;
-  const uint8_t* valid = mask.data_ptr<uint8_t>();
-  const int64_t* starts = start.data_ptr<int64_t>();
-  float* s_out = scores.data_ptr<float>();
-  float* r_out = token_rewards.data_ptr<float>();
-
-  auto score_at = [&](int64_t b, int64_t t) -> float {
-    return valid[b * T + t] ? k.dot(base + b * stride_b + t * stride_t, w, H) + b0 : 0.0f;
-  };
-
-  at::parallel_for(0, B * T, position_grain(H), [&](int64_t begin, int64_t end) {
-    float prev = 0.0f;  // scores[b, t-1], carried along the chunk
+// scores and token_rewards at every position. Padding is never read: its score is 0.
+template <class Layout>
+void forward_positions(const Layout& layout, const RowKernels& k, const float* w, float b0, int64_t H,
+                       bool baseline_zero, float* s_out, float* r_out) {
+  at::parallel_for(0, layout.positions(), position_grain(H), [&](int64_t begin, int64_t end) {
+    auto walk = layout.walk(begin);
+    float prev = 0.0f;  // the previous position's score, carried along the chunk
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / T, t = i % T;
-      const int64_t first = clamp_start(starts[b], T);
-      if (t > 0 && i == begin) prev = score_at(b, t - 1);  // the halo row before this chunk
-      const float s = score_at(b, t);
+      const Position p = walk.next(i);
+      if (i == begin && p.valid && p.valid_prev) prev = k.dot(layout.row_before(i, p), w, H) + b0;  // the halo row
+      const float s = p.valid ? k.dot(layout.row(i, p), w, H) + b0 : 0.0f;
       s_out[i] = s;
-      r_out[i] = token_reward(s, prev, valid[i] != 0, t > 0 && valid[i - 1] != 0, t, first, baseline_zero);
+      if (!p.valid) {
+        r_out[i] = 0.0f;
+      } else if (p.t == 0) {
+        r_out[i] = first_token_reward(s, layout.carried(p.seq), true, p.start);
+      } else {
+        r_out[i] = token_reward(s, prev, true, p.valid_prev, p.t, p.start, baseline_zero);
+      }
       prev = s;
     }
   });
-
-  float* rw_out = rewards.data_ptr<float>();
-  int64_t* last_out = last_index.data_ptr<int64_t>();
-  for (int64_t b = 0; b < B; ++b) {
-    int64_t last = T - 1;
-    while (last >= 0 && !valid[b * T + last]) --last;  // right padding is short: scan from the end
-    last_out[b] = last;
-    rw_out[b] = last >= 0 ? s_out[b * T + last] : 0.0f;
-  }
-  return {scores, rewards, token_rewards, last_index};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> redistribute_backward_cpu(
-    const at::Tensor& grad_scores, const at::Tensor& grad_rewards, const at::Tensor& grad_token_rewards,
-    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& mask, const at::Tensor& start,
-    const at::Tensor& last_index, bool baseline_zero, std::array<bool, 3> output_mask) {
-  check_backward(grad_scores, grad_rewards, grad_token_rewards, hidden, weight, mask, start, last_index);
-  const int64_t B = hidden.size(0), T = hidden.size(1), H = hidden.size(2), N = B * T;
+// grad_hidden (shaped grad_hidden_sizes, one row per position), grad_weight and grad_bias, as output_mask asks.
+template <class Layout>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_positions(
+    const Layout& layout, const at::Tensor& hidden, const at::Tensor& weight, at::IntArrayRef grad_hidden_sizes,
+    const float* gs, const float* gr, const float* gt, bool baseline_zero, std::array<bool, 3> output_mask) {
+  const int64_t P = layout.positions(), H = weight.size(0);
   const bool need_hidden = output_mask[0], need_weight = output_mask[1], need_bias = output_mask[2];
-
   const RowKernels k = kernels_for(hidden.scalar_type());
-  const char* base = static_cast<const char*>(hidden.data_ptr());
   const int64_t elem = hidden.element_size();
-  const int64_t stride_b = hidden.stride(0) * elem, stride_t = hidden.stride(1) * elem;
   const float* w = weight.data_ptr<float>();
-  const uint8_t* valid = mask.data_ptr<uint8_t>();
-  const int64_t* starts = start.data_ptr<int64_t>();
-  const int64_t* last = last_index.data_ptr<int64_t>();
-  const float* gs = grad_scores.data_ptr<float>();
-  const float* gr = grad_rewards.data_ptr<float>();
-  const float* gt = grad_token_rewards.data_ptr<float>();
 
   // The blocks depend on the shape only, never on the thread count: the sums are reproducible.
-  const int64_t num_blocks = std::min<int64_t>(N, 128);
-  const int64_t rows_per_block = (N + num_blocks - 1) / num_blocks;
+  const int64_t num_blocks = std::max<int64_t>(1, std::min<int64_t>(P, 128));
+  const int64_t rows_per_block = (P + num_blocks - 1) / num_blocks;
 
   at::Tensor grad_hidden =
-      need_hidden ? empty_gradient_buffer({B, T, H}, hidden.options()) : empty_gradient(hidden);
+      need_hidden ? empty_gradient_buffer(grad_hidden_sizes, hidden.options()) : empty_gradient(hidden);
   at::Tensor partial_weight =
       need_weight ? at::zeros({num_blocks, H}, weight.options()) : at::empty({0}, weight.options());
   at::Tensor partial_bias = at::empty({num_blocks}, weight.options());
@@ -414,16 +461,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> redistribute_backward_cpu(
   at::parallel_for(0, num_blocks, 1, [&](int64_t block_begin, int64_t block_end) {
     for (int64_t block = block_begin; block < block_end; ++block) {
       float bias_sum = 0.0f;
-      const int64_t row_end = std::min(N, (block + 1) * rows_per_block);
-      for (int64_t i = block * rows_per_block; i < row_end; ++i) {
-        const int64_t b = i / T, t = i % T;
-        const bool has_next = t + 1 < T;
-        const float g = score_gradient(gs[i], gr[b], gt[i], has_next ? gt[i + 1] : 0.0f, valid[i] != 0,
-                                       has_next && valid[i + 1] != 0, t == last[b], t, T,
-                                       clamp_start(starts[b], T), baseline_zero);
+      const int64_t row_begin = std::min(P, block * rows_per_block), row_end = std::min(P, row_begin + rows_per_block);
+      auto walk = layout.walk(row_begin);
+      for (int64_t i = row_begin; i < row_end; ++i) {
+        const Position p = walk.next(i);
+        if (!p.valid) {  // padding: exactly 0, and its row is never read
+          if (need_hidden) std::memset(gh + i * H * elem, 0, static_cast<size_t>(H * elem));
+          continue;
+        }
+        const float g = score_gradient(gs[i], gr[p.seq], gt[i], p.valid_next ? gt[i + 1] : 0.0f, true, p.valid_next,
+                                       layout.is_last(i, p), p.t, p.length, p.start, baseline_zero);
         bias_sum += g;
-        if (need_hidden) k.scale(g, w, gh + i * H * elem, H);  // zeros at padding: g is 0 there
-        if (need_weight && valid[i]) k.axpy(base + b * stride_b + t * stride_t, g, pw + block * H, H);
+        if (need_hidden) k.scale(g, w, gh + i * H * elem, H);
+        if (need_weight) k.axpy(layout.row(i, p), g, pw + block * H, H);
       }
       pb[block] = bias_sum;
     }
@@ -447,6 +497,124 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> redistribute_backward_cpu(
     grad_bias = at::full({1}, sum, weight.options());
   }
   return {grad_hidden, grad_weight, grad_bias};
+}
+
+// ---------------------------------------------------------------------------------------------
+// The ops.
+
+PaddedRows padded_rows(const at::Tensor& hidden, const at::Tensor& mask, const at::Tensor& start,
+                       const int64_t* last) {
+  const int64_t elem = hidden.element_size();
+  return {static_cast<const char*>(hidden.data_ptr()), hidden.stride(0) * elem, hidden.stride(1) * elem,
+          mask.data_ptr<uint8_t>(), start.data_ptr<int64_t>(), last, hidden.size(0), hidden.size(1)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> redistribute_cpu(
+    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& mask,
+    const at::Tensor& start, bool baseline_zero) {
+  check_forward(hidden, weight, bias, mask, start);
+  const int64_t B = hidden.size(0), T = hidden.size(1), H = hidden.size(2);
+  const auto f32 = hidden.options().dtype(at::kFloat);
+  at::Tensor scores = at::empty({B, T}, f32);
+  at::Tensor token_rewards = at::empty({B, T}, f32);
+  at::Tensor rewards = at::empty({B}, f32);
+  at::Tensor last_index = at::empty({B}, hidden.options().dtype(at::kLong));
+
+  float* s_out = scores.data_ptr<float>();
+  forward_positions(padded_rows(hidden, mask, start, nullptr), kernels_for(hidden.scalar_type()),
+                    weight.data_ptr<float>(), bias.has_value() ? bias->data_ptr<float>()[0] : 0.0f, H, baseline_zero,
+                    s_out, token_rewards.data_ptr<float>());
+
+  // The last index and reward of each row come from a scan of the mask and scores, never of hidden.
+  const uint8_t* valid = mask.data_ptr<uint8_t>();
+  float* rw_out = rewards.data_ptr<float>();
+  int64_t* last_out = last_index.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    int64_t last = T - 1;
+    while (last >= 0 && !valid[b * T + last]) --last;  // right padding is short: scan from the end
+    last_out[b] = last;
+    rw_out[b] = last >= 0 ? s_out[b * T + last] : 0.0f;
+  }
+  return {scores, rewards, token_rewards, last_index};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> redistribute_backward_cpu(
+    const at::Tensor& grad_scores, const at::Tensor& grad_rewards, const at::Tensor& grad_token_rewards,
+    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& mask, const at::Tensor& start,
+    const at::Tensor& last_index, bool baseline_zero, std::array<bool, 3> output_mask) {
+  check_backward(grad_scores, grad_rewards, grad_token_rewards, hidden, weight, mask, start, last_index);
+  return backward_positions(padded_rows(hidden, mask, start, last_index.data_ptr<int64_t>()), hidden, weight,
+                            hidden.sizes(), grad_scores.data_ptr<float>(), grad_rewards.data_ptr<float>(),
+                            grad_token_rewards.data_ptr<float>(), baseline_zero, output_mask);
+}
+
+// The kernel indexes hidden with the offsets, so a direct torch.ops call with bad ones must fail here, not read
+// out of bounds (red_kernels/op.py raises first, with the full message). O(N) on data already on the host.
+void check_varlen_offsets(const at::Tensor& cu_seqlens, const at::Tensor& seq_lens, int64_t total) {
+  const int64_t* cu = cu_seqlens.data_ptr<int64_t>();
+  const int64_t* lens = seq_lens.data_ptr<int64_t>();
+  const int64_t N = seq_lens.size(0);
+  TORCH_CHECK(cu[0] == 0, "cu_seqlens: expected the first offset to be 0, got ", cu[0]);
+  for (int64_t i = 0; i < N; ++i) {
+    TORCH_CHECK(cu[i] <= cu[i + 1], "cu_seqlens: expected non-decreasing offsets, got cu_seqlens[", i, "] = ", cu[i],
+                " > cu_seqlens[", i + 1, "] = ", cu[i + 1]);
+    TORCH_CHECK(lens[i] >= 0 && lens[i] <= cu[i + 1] - cu[i], "seq_lens: expected 0 <= seq_lens[i] <= the slot's "
+                "length, got seq_lens[", i, "] = ", lens[i], " for a slot of ", cu[i + 1] - cu[i], " tokens");
+  }
+  TORCH_CHECK(cu[N] <= total, "cu_seqlens: the last offset ", cu[N], " passes the end of hidden's ", total, " tokens");
+}
+
+PackedSlots packed_slots(const at::Tensor& hidden, const at::Tensor& cu_seqlens, const at::Tensor& seq_lens,
+                         const at::Tensor& start, const float* prev, const int64_t* last) {
+  return {static_cast<const char*>(hidden.data_ptr()), hidden.stride(0) * hidden.element_size(),
+          cu_seqlens.data_ptr<int64_t>(), seq_lens.data_ptr<int64_t>(), start.data_ptr<int64_t>(), prev, last,
+          seq_lens.size(0), hidden.size(0)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> redistribute_varlen_cpu(
+    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& cu_seqlens, const at::Tensor& seq_lens, const at::Tensor& start,
+    const std::optional<at::Tensor>& prev_scores, bool baseline_zero) {
+  check_varlen_forward(hidden, weight, bias, cu_seqlens, seq_lens, start, prev_scores);
+  const int64_t total = hidden.size(0), H = hidden.size(1), N = seq_lens.size(0);
+  check_varlen_offsets(cu_seqlens, seq_lens, total);
+  const auto f32 = hidden.options().dtype(at::kFloat);
+  at::Tensor scores = at::empty({total}, f32);
+  at::Tensor token_rewards = at::empty({total}, f32);
+  at::Tensor rewards = at::empty({N}, f32);
+  at::Tensor last_index = at::empty({N}, hidden.options().dtype(at::kLong));
+
+  float* s_out = scores.data_ptr<float>();
+  const float* prev = prev_scores.has_value() ? prev_scores->data_ptr<float>() : nullptr;
+  forward_positions(packed_slots(hidden, cu_seqlens, seq_lens, start, prev, nullptr),
+                    kernels_for(hidden.scalar_type()), weight.data_ptr<float>(),
+                    bias.has_value() ? bias->data_ptr<float>()[0] : 0.0f, H, baseline_zero, s_out,
+                    token_rewards.data_ptr<float>());
+
+  const int64_t* cu = cu_seqlens.data_ptr<int64_t>();
+  const int64_t* lens = seq_lens.data_ptr<int64_t>();
+  float* rw_out = rewards.data_ptr<float>();
+  int64_t* last_out = last_index.data_ptr<int64_t>();
+  for (int64_t i = 0; i < N; ++i) {
+    const int64_t last = lens[i] > 0 ? cu[i] + lens[i] - 1 : -1;
+    last_out[i] = last;
+    rw_out[i] = last >= 0 ? s_out[last] : 0.0f;
+  }
+  return {scores, rewards, token_rewards, last_index};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> redistribute_varlen_backward_cpu(
+    const at::Tensor& grad_scores, const at::Tensor& grad_rewards, const at::Tensor& grad_token_rewards,
+    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& cu_seqlens, const at::Tensor& seq_lens,
+    const at::Tensor& start, const at::Tensor& last_index, bool baseline_zero, std::array<bool, 3> output_mask) {
+  check_varlen_backward(grad_scores, grad_rewards, grad_token_rewards, hidden, weight, cu_seqlens, seq_lens, start,
+                        last_index);
+  check_varlen_offsets(cu_seqlens, seq_lens, hidden.size(0));
+  return backward_positions(packed_slots(hidden, cu_seqlens, seq_lens, start, nullptr,
+                                         last_index.data_ptr<int64_t>()),
+                            hidden, weight, hidden.sizes(), grad_scores.data_ptr<float>(),
+                            grad_rewards.data_ptr<float>(), grad_token_rewards.data_ptr<float>(), baseline_zero,
+                            output_mask);
 }
 
 }  // namespace
@@ -473,4 +641,6 @@ bool set_cpu_isa(const char* name) {
 TORCH_LIBRARY_IMPL(red_kernels, CPU, m) {
   m.impl("redistribute", &red_kernels::redistribute_cpu);
   m.impl("redistribute_backward", &red_kernels::redistribute_backward_cpu);
+  m.impl("redistribute_varlen", &red_kernels::redistribute_varlen_cpu);
+  m.impl("redistribute_varlen_backward", &red_kernels::redistribute_varlen_backward_cpu);
 }

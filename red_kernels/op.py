@@ -33,19 +33,22 @@ class RedistributeOutput(NamedTuple):
     last_index: torch.Tensor  # [B] int64: last real position, -1 for an empty row
 
 
-def available_backends(device: str | torch.device = "cpu") -> tuple[str, ...]:
-    """Backend names usable for tensors on ``device``, in the order of `BACKENDS`."""
+def available_backends(device: str | torch.device = "cpu", *, varlen: bool = False) -> tuple[str, ...]:
+    """Backend names usable for tensors on ``device``, in the order of `BACKENDS`: for `redistribute`, or with
+    ``varlen=True`` for `redistribute_varlen` (a C++ backend counts where that op's kernel is registered)."""
     device = torch.device(device)
+    has_cpu = _library.HAS_VARLEN_CPU_KERNEL if varlen else _library.HAS_CPU_KERNEL
+    has_cuda = _library.HAS_VARLEN_CUDA_KERNEL if varlen else _library.HAS_CUDA_KERNEL
     usable = ["eager"]
     if device.type == "cpu":
-        if _library.HAS_CPU_KERNEL:
+        if has_cpu:
             usable.append("cpu")
         if TRITON_INTERPRET and _library.TRITON_VERSION is not None:
             usable.append("triton")
     elif device.type == "cuda":
         if _library.TRITON_VERSION is not None:
             usable.append("triton")
-        if _library.HAS_CUDA_KERNEL:
+        if has_cuda:
             usable.append("cuda")
     return tuple(usable)
 
@@ -147,9 +150,10 @@ def _check_inputs(hidden, weight, bias, attention_mask, response_start, baseline
         raise ValueError(f"backend: expected 'auto' or one of {BACKENDS}, got {_describe(backend)}")
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The backend that runs for ``backend`` on ``device`` (SPEC: auto picks the fused kernel)."""
-    usable = available_backends(device)
+def resolve_backend(backend: str, device: torch.device, *, varlen: bool = False) -> str:
+    """The backend that runs for ``backend`` on ``device`` (SPEC: auto picks the fused kernel); ``varlen``: for
+    `redistribute_varlen`."""
+    usable = available_backends(device, varlen=varlen)
     if backend == "auto":
         preferred = {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}.get(device.type, ())
         return next((name for name in preferred if name in usable), "eager")
@@ -353,7 +357,7 @@ def redistribute_varlen(
     """
     flat, cu, lens = _check_varlen_inputs(hidden, weight, bias, cu_seqlens, response_start, seq_lens, prev_scores,
                                           baseline, backend)
-    name = resolve_backend(backend, hidden.device)
+    name = resolve_backend(backend, hidden.device, varlen=True)
     total, H = flat.shape
     N = lens.shape[0]
     device = hidden.device

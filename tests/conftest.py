@@ -16,16 +16,16 @@ import red_kernels
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def cpu_backends() -> list[str]:
-    """Backends this pytest process checks on CPU tensors."""
-    usable = red_kernels.available_backends("cpu")
+def cpu_backends(varlen: bool = False) -> list[str]:
+    """Backends this pytest process checks on CPU tensors (``varlen``: for redistribute_varlen)."""
+    usable = red_kernels.available_backends("cpu", varlen=varlen)
     if TRITON_INTERPRET:
         return [name for name in usable if name == "triton"]
     return [name for name in usable if name != "triton"]
 
 
-def fused_cpu_backends() -> list[str]:
-    return [name for name in cpu_backends() if name != "eager"]
+def fused_cpu_backends(varlen: bool = False) -> list[str]:
+    return [name for name in cpu_backends(varlen) if name != "eager"]
 
 
 @pytest.fixture

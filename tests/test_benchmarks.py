@@ -76,3 +76,33 @@ def test_report_divides_medians_within_one_run():
     assert backward["eager / cpu"] == (pytest.approx(4.0), ">= 3.0x: met")
     assert backward["best of eager, compile / cpu"] == (pytest.approx(0.9), ">= 1x: NOT met")
     assert "forward+backward bfloat16 B=8 T=1024 H=2048" in report.report(run)
+
+
+def test_varlen_gradient_check_fails_on_a_wrong_gradient():
+    import test_varlen_cpu  # noqa: E402  (benchmarks/ is on the path above)
+
+    padded, packed = test_varlen_cpu.make_inputs(*SHAPE, torch.float32, seed=7)
+    _, grads_out = test_varlen_cpu.upstream(padded, seed=8)
+    grads = test_varlen_cpu.backward_fn("compile", padded, packed, grads_out)()
+    test_varlen_cpu.check_varlen_gradients(grads, packed, grads_out)
+    grad_hidden = grads[0].clone()
+    grad_hidden[3, 5] *= 1.01
+    with pytest.raises(AssertionError, match="grad_hidden"):
+        test_varlen_cpu.check_varlen_gradients((grad_hidden, grads[1], grads[2]), packed, grads_out)
+
+
+def test_report_compares_varlen_with_padded_at_the_real_tokens_share():
+    def bench(provider, median, nnz=4096):
+        entry = _bench("varlen forward", "bfloat16", provider, median)
+        entry["extra_info"]["nnz"] = nnz  # half of B * T = 8 * 1024
+        return entry
+
+    run = {"benchmarks": [bench("varlen", 5e-3), bench("padded", 9e-3), bench("compile", 20e-3)]}
+    key = ("varlen forward", "bfloat16", 8, 1024, 2048)
+    assert report.real_token_shares(run) == {key: 0.5}
+    rows = {name: (value, verdict) for name, value, verdict in
+            report.ratios("varlen forward", "bfloat16", report.groups(run)[key], 0.5)}
+    assert rows["varlen / padded"] == (pytest.approx(5 / 9), "<= 1.15 x nnz share 0.500: met")
+    assert rows["compile / varlen"][0] == pytest.approx(4.0)
+    run["benchmarks"][0]["stats"]["median"] = 6e-3  # 0.67 > 1.15 * 0.5
+    assert "NOT met" in report.report(run)

@@ -91,6 +91,7 @@ def test_build_info() -> None:
     if os.environ.get("RED_KERNELS_EXPECT_EXTENSION") == "1":  # set by `make test`
         assert info["cpu_kernel"], f"the C++ extension did not load: {red_kernels._library.EXTENSION_ERROR}"
         assert "cpu" in red_kernels.available_backends("cpu")
+        assert "cpu" in red_kernels.available_backends("cpu", varlen=True)
 
 
 @pytest.mark.skipif(TRITON_INTERPRET, reason="checks the normal process")
@@ -101,6 +102,8 @@ def test_available_backends() -> None:
     assert "cpu" not in cuda and ("cuda" in cuda) == red_kernels.build_info()["cuda"]
     assert ("triton" in cuda) == (red_kernels.build_info()["triton"] is not None)
     assert red_kernels.available_backends("meta") == ("eager",)
+    # One translation unit registers the CPU kernels of both ops: they come together or not at all.
+    assert red_kernels.available_backends("cpu", varlen=True) == cpu
 
 
 def test_triton_interpreter_makes_triton_usable_on_cpu() -> None:

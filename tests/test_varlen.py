@@ -12,8 +12,8 @@ from cases import (EPS32, Case, VarlenCase, assert_varlen_gradients_match, asser
 from conftest import TRITON_INTERPRET, cpu_backends, fused_cpu_backends
 from red_kernels.reference import redistribute_varlen_reference
 
-BACKENDS = cpu_backends()
-FUSED = fused_cpu_backends()
+BACKENDS = cpu_backends(varlen=True)
+FUSED = fused_cpu_backends(varlen=True)
 CASES = varlen_cases()
 
 
@@ -273,3 +273,49 @@ def test_varlen_score_head(backend: str) -> None:
     torch.testing.assert_close(out.scores, want.scores, rtol=1e-5, atol=1e-6)
     out.token_rewards.sum().backward()
     assert head.weight.grad is not None and head.bias.grad is not None
+
+
+def _cpu_isas() -> list[str]:
+    """The SIMD paths of the C++ kernel this CPU can run (the best one and every narrower one)."""
+    if "cpu" not in FUSED or red_kernels._library._C is None:
+        return []
+    from red_kernels import _C
+
+    names = ["scalar", "avx2", "avx512"]
+    return names[: names.index(_C.cpu_isa()) + 1]
+
+
+@pytest.fixture
+def pinned_isa(request):
+    from red_kernels import _C
+
+    before = _C.cpu_isa()
+    _C.set_cpu_isa(request.param)
+    yield request.param
+    _C.set_cpu_isa(before)
+
+
+ISA_CASES = [
+    VarlenCase((61, 0, 3, 40), 4097, dtype="f32", tail=3, carried=True, seed=51),  # SIMD body and tail
+    VarlenCase((61, 0, 3, 40), 4097, dtype="bf16", in_slot=True, tail=3, carried=True, seed=55),
+    VarlenCase((9, 33, 1, 60), 1031, dtype="bf16", layout="1TH", carried=True, baseline="zero", seed=52),
+    VarlenCase((17, 0, 25), 33, dtype="f16", layout="T1H", in_slot=True, tail=2, start="int", seed=53),
+    VarlenCase((12, 7, 30), 16, dtype="bf16", carried=True, seed=54),
+]
+
+
+@pytest.mark.skipif(TRITON_INTERPRET, reason="C++ kernel: normal process")
+@pytest.mark.parametrize("pinned_isa", _cpu_isas(), indirect=True)
+@pytest.mark.parametrize("threads", [1, 3])
+def test_varlen_cpu_kernel_every_isa_and_chunking(pinned_isa: str, threads: int, poison_empty) -> None:
+    """Each SIMD path of the C++ kernels on packed input, forward and backward, with thread counts that split the
+    tokens mid-sequence (a chunk's first token reward needs the halo row, its walk starts by slot_of)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for case in ISA_CASES:
+            inputs = make_varlen_inputs(case)
+            assert_varlen_matches(run(inputs, "cpu"), inputs)
+            assert_varlen_gradients_match(case, "cpu", inputs=inputs)
+    finally:
+        torch.set_num_threads(before)
