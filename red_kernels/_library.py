@@ -1,7 +1,7 @@
 """Glue between the kernels and PyTorch: the compiled extension, fake (meta)
 implementations for torch.compile, and autograd for every fused backend.
 
-The op schema is declared once in C++ (csrc/redistribute.cpp):
+The op schema is declared once in C++ (csrc/op.cpp):
 
     red_kernels::redistribute(Tensor hidden, Tensor weight, Tensor? bias, Tensor mask,
                               Tensor start, bool baseline_zero)

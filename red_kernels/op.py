@@ -104,21 +104,7 @@ def _check_inputs(hidden, weight, bias, attention_mask, response_start, baseline
     if T < 1 or H < 1:
         raise ValueError(f"hidden: expected T >= 1 and H >= 1, got {_describe(hidden)}")
     device = hidden.device
-
-    if not isinstance(weight, torch.Tensor):
-        raise TypeError(f"weight: expected a tensor [H] or [1, H] with H={H}, got {_describe(weight)}")
-    if not weight.is_floating_point():
-        raise TypeError(f"weight: expected a floating-point dtype, got {_describe(weight)}")
-    if tuple(weight.shape) not in ((H,), (1, H)):
-        raise ValueError(f"weight: expected shape [{H}] or [1, {H}], got {_describe(weight)}")
-
-    if isinstance(bias, torch.Tensor):
-        if not bias.is_floating_point():
-            raise TypeError(f"bias: expected a floating-point tensor, got {_describe(bias)}")
-        if bias.numel() != 1:
-            raise ValueError(f"bias: expected one element, got {_describe(bias)}")
-    elif bias is not None and not (isinstance(bias, numbers.Real) and not isinstance(bias, bool)):
-        raise TypeError(f"bias: expected None, a Python float or a one-element tensor, got {_describe(bias)}")
+    _check_head(weight, bias, H)
 
     if not isinstance(attention_mask, torch.Tensor):
         raise TypeError(f"attention_mask: expected a bool or integer tensor [{B}, {T}], got {_describe(attention_mask)}")
@@ -144,10 +130,54 @@ def _check_inputs(hidden, weight, bias, attention_mask, response_start, baseline
             raise ValueError(f"{name} is on {value.device}, hidden on {device}: all tensors must be on one device "
                              f"({name}: {_describe(value)})")
 
+    _check_options(baseline, backend)
+
+
+def _check_head(weight, bias, H: int) -> None:
+    """The score head: ``weight`` ``[H]`` or ``[1, H]``, ``bias`` None, a float or one element (devices: the caller)."""
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight: expected a tensor [H] or [1, H] with H={H}, got {_describe(weight)}")
+    if not weight.is_floating_point():
+        raise TypeError(f"weight: expected a floating-point dtype, got {_describe(weight)}")
+    if tuple(weight.shape) not in ((H,), (1, H)):
+        raise ValueError(f"weight: expected shape [{H}] or [1, {H}], got {_describe(weight)}")
+
+    if isinstance(bias, torch.Tensor):
+        if not bias.is_floating_point():
+            raise TypeError(f"bias: expected a floating-point tensor, got {_describe(bias)}")
+        if bias.numel() != 1:
+            raise ValueError(f"bias: expected one element, got {_describe(bias)}")
+    elif bias is not None and not (isinstance(bias, numbers.Real) and not isinstance(bias, bool)):
+        raise TypeError(f"bias: expected None, a Python float or a one-element tensor, got {_describe(bias)}")
+
+
+def _check_options(baseline, backend) -> None:
     if baseline not in BASELINES:
         raise ValueError(f"baseline: expected one of {BASELINES}, got {_describe(baseline)}")
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"backend: expected 'auto' or one of {BACKENDS}, got {_describe(backend)}")
+
+
+def _normalise_head(weight, bias, H: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The kernels' weight (float32 [H], contiguous) and bias (float32 [1] or None)."""
+    weight32 = weight.reshape(H).to(torch.float32).contiguous()
+    if isinstance(bias, torch.Tensor):
+        return weight32, bias.reshape(1).to(torch.float32)
+    if bias is not None:
+        return weight32, torch.full((1,), float(bias), dtype=torch.float32, device=device)
+    return weight32, None
+
+
+def _normalise_start(response_start, n: int, past_end: int, device) -> torch.Tensor:
+    """The kernels' response starts: int64 [n], contiguous (the kernels clamp them)."""
+    if not isinstance(response_start, torch.Tensor):
+        return torch.full((n,), response_start, dtype=torch.int64, device=device)
+    start = response_start.to(torch.int64).contiguous()
+    if response_start.dtype == torch.uint64:
+        # The cast keeps the bits, so a value >= 2^63 reads negative: it lies past the end, clamp it there
+        # (uint64 has no comparison kernels, and the kernels clamp the rest).
+        start = torch.where(start < 0, past_end, start)
+    return start
 
 
 def resolve_backend(backend: str, device: torch.device, *, varlen: bool = False) -> str:
@@ -186,26 +216,13 @@ def redistribute(
 
     if hidden.stride(-1) != 1:
         hidden = hidden.contiguous()
-    weight32 = weight.reshape(H).to(torch.float32).contiguous()
-    if isinstance(bias, torch.Tensor):
-        bias32 = bias.reshape(1).to(torch.float32)
-    elif bias is not None:
-        bias32 = torch.full((1,), float(bias), dtype=torch.float32, device=device)
-    else:
-        bias32 = None
+    weight32, bias32 = _normalise_head(weight, bias, H, device)
     if attention_mask.dtype in (torch.bool, torch.uint8):
         mask = attention_mask.contiguous().view(torch.uint8)
     else:
         # != keeps a transposed mask's strides: the kernels index it as a contiguous [B, T].
         mask = (attention_mask != 0).contiguous().view(torch.uint8)
-    if isinstance(response_start, torch.Tensor):
-        start = response_start.to(torch.int64).contiguous()
-        if response_start.dtype == torch.uint64:
-            # The cast keeps the bits, so a value >= 2^63 reads negative: it lies past T, clamp it there
-            # (uint64 has no comparison kernels, and the kernels clamp the rest to [0, T]).
-            start = torch.where(start < 0, T, start)
-    else:
-        start = torch.full((B,), response_start, dtype=torch.int64, device=device)
+    start = _normalise_start(response_start, B, T, device)
     baseline_zero = baseline == "zero"
 
     return RedistributeOutput(*_launch("eager" if B == 0 else name, hidden, weight32, bias32, mask, start,
@@ -252,7 +269,7 @@ def _check_varlen_inputs(hidden, weight, bias, cu_seqlens, response_start, seq_l
                          backend) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Every rule of section 5; returns the flattened hidden and the offsets and lengths as int64 tensors.
 
-    Offsets and lengths are read on the host (one small copy each): a bad offset must fail before a kernel
+    Offsets and lengths are read on the host (one small copy): a bad offset must fail before a kernel
     indexes with it, and it cannot be clamped into meaning.
     """
     for name, value in (("hidden", hidden), ("weight", weight), ("bias", bias), ("cu_seqlens", cu_seqlens),
@@ -267,9 +284,8 @@ def _check_varlen_inputs(hidden, weight, bias, cu_seqlens, response_start, seq_l
     if H < 1:
         raise ValueError(f"hidden: expected H >= 1, got {_describe(hidden)}")
     device = hidden.device
-    # The head checks are section 2's: reuse them on a [1, T, H] view with a matching mask.
-    _check_inputs(flat.unsqueeze(0) if total else flat.new_empty((1, 1, H)), weight, bias,
-                  torch.ones((1, max(total, 1)), dtype=torch.bool, device=device), 0, baseline, backend)
+    _check_head(weight, bias, H)
+    _check_options(baseline, backend)
 
     _check_index_vector("cu_seqlens", cu_seqlens, None, "[N + 1]")
     if cu_seqlens.shape[0] < 1:
@@ -296,28 +312,31 @@ def _check_varlen_inputs(hidden, weight, bias, cu_seqlens, response_start, seq_l
                             f"{_describe(prev_scores)}")
         if tuple(prev_scores.shape) != (N,):
             raise ValueError(f"prev_scores: expected shape [{N}] (one per sequence), got {_describe(prev_scores)}")
-    for name, value in (("cu_seqlens", cu_seqlens), ("seq_lens", seq_lens), ("response_start", response_start),
-                        ("prev_scores", prev_scores)):
+    for name, value in (("weight", weight), ("bias", bias), ("cu_seqlens", cu_seqlens), ("seq_lens", seq_lens),
+                        ("response_start", response_start), ("prev_scores", prev_scores)):
         if isinstance(value, torch.Tensor) and value.device != device:
             raise ValueError(f"{name} is on {value.device}, hidden on {device}: all tensors must be on one device "
                              f"({name}: {_describe(value)})")
 
     cu = cu_seqlens.to(torch.int64)
-    host = cu.cpu()
-    if host[0] != 0:
-        raise ValueError(f"cu_seqlens: expected the first offset to be 0, got {int(host[0])}")
-    steps = host[1:] - host[:-1]
-    if (steps < 0).any():
-        i = int((steps < 0).nonzero()[0])
-        raise ValueError(f"cu_seqlens: expected non-decreasing offsets, got cu_seqlens[{i}] = {int(host[i])} > "
-                         f"cu_seqlens[{i + 1}] = {int(host[i + 1])}")
-    if host[-1] > total:
-        raise ValueError(f"cu_seqlens: the last offset {int(host[-1])} passes the end of hidden's {total} tokens")
+    # One device-to-host copy for the offsets and the lengths together.
+    host_all = (cu if seq_lens is None else torch.cat([cu, seq_lens.to(torch.int64)])).cpu()
+    host = host_all[:N + 1]
+    steps = torch.diff(host)
+    # One test for the usual case; the details only when something is wrong.
+    if int(host[0]) != 0 or int(host[N]) > total or (N > 0 and int(steps.min()) < 0):
+        if host[0] != 0:
+            raise ValueError(f"cu_seqlens: expected the first offset to be 0, got {int(host[0])}")
+        if (steps < 0).any():
+            i = int((steps < 0).nonzero()[0])
+            raise ValueError(f"cu_seqlens: expected non-decreasing offsets, got cu_seqlens[{i}] = {int(host[i])} > "
+                             f"cu_seqlens[{i + 1}] = {int(host[i + 1])}")
+        raise ValueError(f"cu_seqlens: the last offset {int(host[N])} passes the end of hidden's {total} tokens")
     if seq_lens is None:
-        lens = cu[1:] - cu[:-1]
+        lens = torch.diff(cu)
     else:
         lens = seq_lens.to(torch.int64)
-        host_lens = lens.cpu()
+        host_lens = host_all[N + 1:]
         bad = (host_lens < 0) | (host_lens > steps)
         if bad.any():
             i = int(bad.nonzero()[0])
@@ -363,19 +382,8 @@ def redistribute_varlen(
     device = hidden.device
     if flat.stride(-1) != 1:
         flat = flat.contiguous()
-    weight32 = weight.reshape(H).to(torch.float32).contiguous()
-    if isinstance(bias, torch.Tensor):
-        bias32 = bias.reshape(1).to(torch.float32)
-    elif bias is not None:
-        bias32 = torch.full((1,), float(bias), dtype=torch.float32, device=device)
-    else:
-        bias32 = None
-    if isinstance(response_start, torch.Tensor):
-        start = response_start.to(torch.int64).contiguous()
-        if response_start.dtype == torch.uint64:  # see redistribute: a value >= 2^63 lies past every length
-            start = torch.where(start < 0, torch.iinfo(torch.int64).max, start)
-    else:
-        start = torch.full((N,), response_start, dtype=torch.int64, device=device)
+    weight32, bias32 = _normalise_head(weight, bias, H, device)
+    start = _normalise_start(response_start, N, torch.iinfo(torch.int64).max, device)
     prev32 = None if prev_scores is None else prev_scores.to(torch.float32).contiguous()
     baseline_zero = baseline == "zero"
     if N == 0 or total == 0:
