@@ -6,7 +6,8 @@ the compile sees the JIT's specialisation: 16-byte alignment and divisibility hi
 as constants. The assertions are on the cubin and its SASS (red_kernels.triton_lowering): registers
 under a cap, no spills, 16-byte cp.async (LDGSTS.E.BYPASS.128) in the main loop where the rows are
 aligned, no shuffles (cross-lane reductions) and at most two barriers per iteration of that loop.
-About 30 compiles with Triton's bundled ptxas: ~1-2 minutes on a 2-core CI machine.
+The packed (redistribute_varlen) variants are the same kernels with PACKED set, checked the same way.
+About 60 compiles for the padded variants and 75 for the packed ones with Triton's bundled ptxas.
 """
 
 from __future__ import annotations
@@ -174,3 +175,107 @@ def test_detectors_fire_on_planted_regressions() -> None:
     assert flat.count("LDGSTS") == 0 and flat.count("LDG.E.128") > 0
     launch, _ = _backward("B8-T1024-H4096", "bf16", (True, True, True))
     assert compile_launch(launch, maxnreg=64).spills
+
+
+# ---------------------------------------------------------------------------------------
+# Packed sequences (redistribute_varlen): the same kernels with PACKED set. (T_local, N, H, element offset):
+# BLOCK_T 32 and 8 from the token count; one token; H = 1; H % 16 != 0; a misaligned start; and 5000 sequences,
+# a 13-step search over cu_seqlens.
+VARLEN_SHAPES = {"T32768-N32-H4096": (32768, 32, 4096, 0), "T8192-N8-H4096": (8192, 8, 4096, 0),
+                 "T1-N1-H4096": (1, 1, 4096, 0), "T252-N4-H1": (252, 4, 1, 0), "T8192-N8-H4095": (8192, 8, 4095, 0),
+                 "T8192-N8-H2048-offset1": (8192, 8, 2048, 1), "T8192-N5000-H4096": (8192, 5000, 4096, 0)}
+
+
+def _packed(shape: str, dtype: str):
+    T, N, H, offset = VARLEN_SHAPES[shape]
+    hidden = torch.empty(T * H + offset, dtype=DTYPES[dtype])[offset:].view(T, H)
+    return hidden, torch.empty(N + 1, dtype=torch.int64), torch.empty(N, dtype=torch.int64), \
+        torch.empty(N, dtype=torch.int64)
+
+
+@functools.cache
+def _varlen_forward(shape: str, dtype: str, bias: bool):
+    hidden, cu, lens, start = _packed(shape, dtype)
+    (T, H), N = hidden.shape, lens.shape[0]
+    outputs = (torch.empty(T), torch.empty(N), torch.empty(T), torch.empty(N, dtype=torch.int64))
+    # With a bias: carried baselines and baseline="prompt"; without: neither, baseline="zero".
+    launches = tk.varlen_forward_launches(hidden, torch.empty(H), torch.empty(1) if bias else None, cu, lens, start,
+                                          torch.empty(N) if bias else None, not bias, outputs, H100_SMS)
+    return [(launch, compile_launch(launch)) for launch in launches]
+
+
+@functools.cache
+def _varlen_backward(shape: str, dtype: str, need: tuple):
+    hidden, cu, lens, start = _packed(shape, dtype)
+    (T, H), N = hidden.shape, lens.shape[0]
+    rows = tk.varlen_backward_partial_rows(hidden, H100_SMS)
+    outputs = (torch.empty_like(hidden), torch.empty(rows, H), torch.empty(rows))
+    launches = tk.varlen_backward_launches((torch.empty(T), torch.empty(N), torch.empty(T)), hidden, torch.empty(H),
+                                           cu, lens, start, torch.empty(N, dtype=torch.int64), need[0], need, outputs,
+                                           (torch.empty(T, dtype=torch.uint8), torch.empty(T)), H100_SMS)
+    return [(launch, compile_launch(launch)) for launch in launches]
+
+
+def _varlen_aligned(shape: str) -> bool:
+    T, N, H, offset = VARLEN_SHAPES[shape]
+    return offset == 0 and H % 16 == 0
+
+
+def _varlen_forward_variants():
+    for shape in VARLEN_SHAPES:
+        for dtype in ("bf16", "f32"):
+            yield shape, dtype, True
+    for shape in ("T8192-N8-H4096", "T1-N1-H4096"):
+        yield shape, "f16", True
+        yield shape, "bf16", False
+
+
+@pytest.mark.parametrize("shape,dtype,bias", list(_varlen_forward_variants()),
+                         ids=[f"{s}-{d}-{'bias' if b else 'nobias'}" for s, d, b in _varlen_forward_variants()])
+def test_varlen_forward_lowering(shape: str, dtype: str, bias: bool) -> None:
+    (scores, scores_low), (scan, scan_low) = _varlen_forward(shape, dtype, bias)
+    assert scores.kernel is tk._scores_kernel and scores.constexprs["PACKED"]
+    where = (f"varlen forward {shape} {dtype} BLOCK_T={scores.constexprs['BLOCK_T']} "
+             f"BLOCK_H={scores.constexprs['BLOCK_H']}")
+    _check_common(scores_low, where)
+    _check_main_loop(scores_low, scores, where, _varlen_aligned(shape), VARLEN_SHAPES[shape][2])
+    _check_common(scan_low, "token rewards " + where)
+
+
+def _varlen_backward_variants():
+    for shape in VARLEN_SHAPES:
+        for dtype in ("bf16", "f32"):
+            yield shape, dtype, "all"
+    yield "T8192-N8-H4096", "f16", "all"
+    for dtype in ("bf16", "f32"):
+        yield "T8192-N8-H4096", dtype, "weight"
+        yield "T8192-N8-H4096", dtype, "hidden"
+
+
+@pytest.mark.parametrize("shape,dtype,need", list(_varlen_backward_variants()),
+                         ids=["-".join(v) for v in _varlen_backward_variants()])
+def test_varlen_backward_lowering(shape: str, dtype: str, need: str) -> None:
+    (gradient, gradient_low), (launch, lowered) = _varlen_backward(shape, dtype, NEEDS[need])
+    assert launch.kernel is tk._backward_kernel and launch.constexprs["PACKED"]
+    where = (f"varlen backward {shape} {dtype} {need} BLOCK_T={launch.constexprs['BLOCK_T']} "
+             f"BLOCK_H={launch.constexprs['BLOCK_H']}")
+    assert launch.constexprs["BLOCK_T"] >= 16
+    _check_common(gradient_low, "score gradient " + where)
+    _check_common(lowered, where)
+    aligned = _varlen_aligned(shape)
+    if NEEDS[need][1]:  # hidden is read: pipelined
+        _check_main_loop(lowered, launch, where, aligned, VARLEN_SHAPES[shape][2])
+    if aligned:  # the grid is sized for one wave of this many programs per SM
+        assert lowered.resident_per_sm() >= tk._BACKWARD_PROGRAMS_PER_SM, f"{where}: {lowered.resident_per_sm()} fit"
+    if NEEDS[need][0] and aligned and VARLEN_SHAPES[shape][2] > 1:
+        assert lowered.count("STG.E.128", where="kernel") > 0, f"{where}: grad_hidden stores are not 128-bit"
+
+
+def test_varlen_backward_loop_is_the_padded_one() -> None:
+    """The packed backward's main loop reads a precomputed mask and score gradient, so it is as flat as the padded
+    loop: no more instructions per iteration than the padded variant of the same tile (the search over cu_seqlens
+    inside it spilled 2.3 KB and took 24 barriers per iteration)."""
+    (_, _), (launch, packed) = _varlen_backward("T8192-N8-H4096", "bf16", NEEDS["all"])
+    padded_launch, padded = _backward("B8-T1024-H4096", "bf16", NEEDS["all"])
+    assert launch.constexprs["BLOCK_H"] == padded_launch.constexprs["BLOCK_H"]
+    assert len(packed.loop) <= len(padded.loop), (len(packed.loop), len(padded.loop))
