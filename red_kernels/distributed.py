@@ -47,8 +47,8 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
-from red_kernels.op import RedistributeOutput, _check_varlen_inputs, _describe, _is_int, flatten_packed, \
-    redistribute_varlen
+from red_kernels.op import RedistributeOutput, _check_varlen_inputs, _describe, _is_int, _normalise_start, \
+    flatten_packed, redistribute_varlen
 
 
 class _GatherLastScores(torch.autograd.Function):
@@ -146,12 +146,7 @@ def redistribute_sequence_parallel(
     _, cu, lens = _check_varlen_inputs(whole, weight, bias, cu_seqlens, response_start, seq_lens, None, baseline,
                                        backend)
     N = lens.shape[0]
-    if isinstance(response_start, torch.Tensor):
-        start = response_start.to(torch.int64)
-        if response_start.dtype == torch.uint64:  # as redistribute_varlen: a value >= 2^63 lies past every length
-            start = torch.where(start < 0, torch.iinfo(torch.int64).max, start)
-    else:
-        start = torch.full((N,), response_start, dtype=torch.int64, device=device)
+    start = _normalise_start(response_start, N, torch.iinfo(torch.int64).max, device)
     start = torch.minimum(start.clamp(min=0), lens)
 
     # Each sequence clipped to this shard, in shard coordinates; response_start moves with the piece's start.

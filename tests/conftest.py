@@ -28,6 +28,28 @@ def fused_cpu_backends(varlen: bool = False) -> list[str]:
     return [name for name in cpu_backends(varlen) if name != "eager"]
 
 
+def cpu_isas() -> list[str]:
+    """The SIMD paths of the C++ CPU kernel this CPU can run (its best one and every narrower one); none
+    without the kernel."""
+    if "cpu" not in red_kernels.available_backends("cpu") or red_kernels._library._C is None:
+        return []
+    from red_kernels import _C
+
+    names = ["scalar", "avx2", "avx512"]
+    return names[: names.index(_C.cpu_isa()) + 1]
+
+
+@pytest.fixture
+def pinned_isa(request):
+    """The C++ CPU kernel pinned to the instruction set ``request.param`` for one test (parametrise indirectly)."""
+    from red_kernels import _C
+
+    before = _C.cpu_isa()
+    _C.set_cpu_isa(request.param)
+    yield request.param
+    _C.set_cpu_isa(before)
+
+
 @pytest.fixture
 def poison_empty():
     """Every uninitialised tensor (torch.empty in Python, at::empty in C++) comes out NaN

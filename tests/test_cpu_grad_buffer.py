@@ -11,7 +11,7 @@ import torch
 
 import red_kernels
 from cases import Case, assert_gradients_match, make_inputs, upstream_gradients, weighted_loss
-from conftest import TRITON_INTERPRET
+from conftest import TRITON_INTERPRET, cpu_isas
 
 pytestmark = [
     pytest.mark.skipif(TRITON_INTERPRET, reason="C++ kernel: normal process"),
@@ -24,23 +24,6 @@ MiB = 1 << 20
 LARGE = {"f32": Case(2, 72, 8192, padding="both", start="tensor", bias="tensor", seed=31),
          "bf16": Case(2, 144, 8192, dtype="bf16", padding="holey", start="tensor", bias="tensor", seed=32),
          "f16": Case(2, 144, 8192, dtype="f16", padding="right", start="tensor", seed=33)}
-
-
-def _cpu_isas() -> list[str]:
-    from red_kernels import _C
-
-    names = ["scalar", "avx2", "avx512"]
-    return names[: names.index(_C.cpu_isa()) + 1]
-
-
-@pytest.fixture
-def pinned_isa(request):
-    from red_kernels import _C
-
-    before = _C.cpu_isa()
-    _C.set_cpu_isa(request.param)
-    yield request.param
-    _C.set_cpu_isa(before)
 
 
 def _large_grad_hidden(dtype: str) -> torch.Tensor:
@@ -70,7 +53,7 @@ def _mapping_of(address: int) -> dict | None:
 
 
 @pytest.mark.parametrize("threads", [1, 3])
-@pytest.mark.parametrize("pinned_isa", _cpu_isas(), indirect=True)
+@pytest.mark.parametrize("pinned_isa", cpu_isas(), indirect=True)
 @pytest.mark.parametrize("dtype", list(LARGE))
 def test_large_gradients_match_the_float64_reference(dtype, pinned_isa, threads, poison_empty):
     before = torch.get_num_threads()

@@ -7,7 +7,7 @@ import torch
 
 import red_kernels
 from cases import Case, assert_gradients_match, assert_matches, forward_cases, make_inputs
-from conftest import cpu_backends, fused_cpu_backends
+from conftest import TRITON_INTERPRET, cpu_backends, cpu_isas, fused_cpu_backends
 
 BACKENDS = cpu_backends()
 CASES = forward_cases()
@@ -117,27 +117,8 @@ def test_backends_agree_on_auto() -> None:
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-def _cpu_isas() -> list[str]:
-    if "cpu" not in red_kernels.available_backends("cpu") or red_kernels._library._C is None:
-        return []
-    from red_kernels import _C
-
-    best = _C.cpu_isa()
-    return ["scalar", "avx2", "avx512"][: ["scalar", "avx2", "avx512"].index(best) + 1]
-
-
-@pytest.fixture
-def pinned_isa(request):
-    from red_kernels import _C
-
-    before = _C.cpu_isa()
-    _C.set_cpu_isa(request.param)
-    yield request.param
-    _C.set_cpu_isa(before)
-
-
-@pytest.mark.skipif(TRITON_INTERPRET := __import__("conftest").TRITON_INTERPRET, reason="C++ kernel: normal process")
-@pytest.mark.parametrize("pinned_isa", _cpu_isas(), indirect=True)
+@pytest.mark.skipif(TRITON_INTERPRET, reason="C++ kernel: normal process")
+@pytest.mark.parametrize("pinned_isa", cpu_isas(), indirect=True)
 @pytest.mark.parametrize("threads", [1, 3, 5])
 @pytest.mark.parametrize("dtype", ["f32", "bf16", "f16"])
 def test_cpu_kernel_every_isa_and_chunking(pinned_isa: str, threads: int, dtype: str, poison_empty) -> None:

@@ -9,7 +9,7 @@ import torch
 import red_kernels
 from cases import (EPS32, Case, VarlenCase, assert_varlen_gradients_match, assert_varlen_matches, make_inputs,
                    make_varlen_inputs, redistribute_varlen_op, to_device, varlen_cases)
-from conftest import TRITON_INTERPRET, cpu_backends, fused_cpu_backends
+from conftest import TRITON_INTERPRET, cpu_backends, cpu_isas, fused_cpu_backends
 from red_kernels.reference import redistribute_varlen_reference
 
 BACKENDS = cpu_backends(varlen=True)
@@ -275,26 +275,6 @@ def test_varlen_score_head(backend: str) -> None:
     assert head.weight.grad is not None and head.bias.grad is not None
 
 
-def _cpu_isas() -> list[str]:
-    """The SIMD paths of the C++ kernel this CPU can run (the best one and every narrower one)."""
-    if "cpu" not in FUSED or red_kernels._library._C is None:
-        return []
-    from red_kernels import _C
-
-    names = ["scalar", "avx2", "avx512"]
-    return names[: names.index(_C.cpu_isa()) + 1]
-
-
-@pytest.fixture
-def pinned_isa(request):
-    from red_kernels import _C
-
-    before = _C.cpu_isa()
-    _C.set_cpu_isa(request.param)
-    yield request.param
-    _C.set_cpu_isa(before)
-
-
 ISA_CASES = [
     VarlenCase((61, 0, 3, 40), 4097, dtype="f32", tail=3, carried=True, seed=51),  # SIMD body and tail
     VarlenCase((61, 0, 3, 40), 4097, dtype="bf16", in_slot=True, tail=3, carried=True, seed=55),
@@ -305,7 +285,7 @@ ISA_CASES = [
 
 
 @pytest.mark.skipif(TRITON_INTERPRET, reason="C++ kernel: normal process")
-@pytest.mark.parametrize("pinned_isa", _cpu_isas(), indirect=True)
+@pytest.mark.parametrize("pinned_isa", cpu_isas(), indirect=True)
 @pytest.mark.parametrize("threads", [1, 3])
 def test_varlen_cpu_kernel_every_isa_and_chunking(pinned_isa: str, threads: int, poison_empty) -> None:
     """Each SIMD path of the C++ kernels on packed input, forward and backward, with thread counts that split the
