@@ -3,12 +3,14 @@ pytest-benchmark group per kind, dtype and shape. B sequences of random lengths 
 
   varlen   red_kernels.redistribute_varlen(..., backend="cpu") on the nnz real tokens packed tight ([nnz, H])
   padded   red_kernels.redistribute(..., backend="cpu") on the same sequences right-padded to [B, T, H]
-  compile  red_kernels.reference.redistribute_varlen_reference through torch.compile(dynamic=False), on the
+  dense    the same call with every one of the B * T positions real: the work of N x max_len tokens
+  compile  red_kernels.reference.redistribute_varlen_reference (fixed_order=False: a plain matrix-vector
+           product, not the reference's pairwise sum) through torch.compile(dynamic=False), on the
            packed inputs the public call hands its backends; compiled and warmed up before any timing
 
 Target (printed by report.py, not asserted): varlen's time proportional to the real tokens, i.e.
-varlen / padded about nnz / (B * T). The padded kernel never reads padding rows either, so its forward already
-costs about the real tokens' reads plus a per-position pass, and varlen / padded sits nearer 1 there; the
+varlen / dense at most 1.15 x nnz / (B * T). The padded kernel never reads padding rows either, so its forward
+already costs about the real tokens' reads plus a per-position pass, and varlen / padded sits nearer 1 there; its
 backward writes grad_hidden for all B * T rows, which varlen does for nnz. Every provider's result is checked
 against the float64 spec before it is timed (forward: the outputs; forward+backward: the gradients in hidden,
 weight and bias).
@@ -28,7 +30,7 @@ from red_kernels._cases import (ACCUMULATION_ULPS, EPS32, _varlen_reward_bound, 
 from red_kernels.op import RedistributeOutput
 from red_kernels.reference import redistribute_varlen_reference
 
-PROVIDERS = ("varlen", "padded", "compile")
+PROVIDERS = ("varlen", "padded", "dense", "compile")
 LENGTHS_SEED = 1  # a draw whose mean length is close to T/2 (0.52 T at T = 1024)
 
 
@@ -50,14 +52,20 @@ def make_inputs(B: int, T: int, H: int, dtype: torch.dtype, seed: int = 0) -> tu
     return padded, packed
 
 
+def dense_of(padded: dict) -> dict:
+    """The padded inputs with every position real (provider `dense`)."""
+    return {**padded, "attention_mask": torch.ones_like(padded["attention_mask"])}
+
+
 @functools.cache
 def compiled_reference():
-    return torch.compile(redistribute_varlen_reference, dynamic=False)
+    return torch.compile(functools.partial(redistribute_varlen_reference, fixed_order=False), dynamic=False)
 
 
 def call(provider: str, hidden, weight, bias, padded: dict, packed: dict) -> RedistributeOutput:
-    if provider == "padded":
-        return red_kernels.redistribute(hidden, weight, bias, attention_mask=padded["attention_mask"],
+    if provider in ("padded", "dense"):
+        inputs = padded if provider == "padded" else dense_of(padded)
+        return red_kernels.redistribute(hidden, weight, bias, attention_mask=inputs["attention_mask"],
                                         response_start=padded["response_start"], baseline="prompt", backend="cpu")
     cu, start = packed["cu_seqlens"], packed["response_start"]
     if provider == "compile":
@@ -68,7 +76,7 @@ def call(provider: str, hidden, weight, bias, padded: dict, packed: dict) -> Red
 
 
 def inputs_of(provider: str, padded: dict, packed: dict) -> dict:
-    return padded if provider == "padded" else packed
+    return {"padded": padded, "dense": dense_of(padded)}.get(provider, packed)
 
 
 def upstream(padded: dict, seed: int = 1) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
@@ -144,8 +152,8 @@ def test_varlen_forward(benchmark, shape, dtype, provider):
     describe(benchmark, "varlen forward", provider, dtype, shape, padded, packed)
     with torch.inference_mode():
         out = warm_up(fn)
-        if provider == "padded":
-            check_forward("cpu", out, padded)
+        if provider in ("padded", "dense"):
+            check_forward("cpu", out, inputs)
         else:
             assert_varlen_matches(out, packed)
         benchmark(fn)
@@ -156,12 +164,12 @@ def test_varlen_forward(benchmark, shape, dtype, provider):
 def test_varlen_forward_backward(benchmark, shape, dtype, provider):
     padded, packed = make_inputs(*shape, DTYPES[dtype])
     grads_padded, grads_packed = upstream(padded)
-    grads_out = grads_padded if provider == "padded" else grads_packed
+    grads_out = grads_padded if provider in ("padded", "dense") else grads_packed
     fn = backward_fn(provider, padded, packed, grads_out)
     describe(benchmark, "varlen forward+backward", provider, dtype, shape, padded, packed)
     grads = warm_up(fn)
-    if provider == "padded":
-        check_gradients(grads, padded, grads_out)
+    if provider in ("padded", "dense"):
+        check_gradients(grads, inputs_of(provider, padded, packed), grads_out)
     else:
         check_varlen_gradients(grads, packed, grads_out)
     benchmark(fn)

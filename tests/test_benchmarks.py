@@ -91,18 +91,20 @@ def test_varlen_gradient_check_fails_on_a_wrong_gradient():
         test_varlen_cpu.check_varlen_gradients((grad_hidden, grads[1], grads[2]), packed, grads_out)
 
 
-def test_report_compares_varlen_with_padded_at_the_real_tokens_share():
+def test_report_compares_varlen_with_dense_at_the_real_tokens_share():
     def bench(provider, median, nnz=4096):
         entry = _bench("varlen forward", "bfloat16", provider, median)
         entry["extra_info"]["nnz"] = nnz  # half of B * T = 8 * 1024
         return entry
 
-    run = {"benchmarks": [bench("varlen", 5e-3), bench("padded", 9e-3), bench("compile", 20e-3)]}
+    run = {"benchmarks": [bench("varlen", 5e-3), bench("padded", 7e-3), bench("dense", 9e-3),
+                          bench("compile", 20e-3)]}
     key = ("varlen forward", "bfloat16", 8, 1024, 2048)
     assert report.real_token_shares(run) == {key: 0.5}
     rows = {name: (value, verdict) for name, value, verdict in
             report.ratios("varlen forward", "bfloat16", report.groups(run)[key], 0.5)}
-    assert rows["varlen / padded"] == (pytest.approx(5 / 9), "<= 1.15 x nnz share 0.500: met")
+    assert rows["varlen / dense"] == (pytest.approx(5 / 9), "<= 1.15 x nnz share 0.500: met")
+    assert rows["varlen / padded"] == (pytest.approx(5 / 7), "")
     assert rows["compile / varlen"][0] == pytest.approx(4.0)
     run["benchmarks"][0]["stats"]["median"] = 6e-3  # 0.67 > 1.15 * 0.5
     assert "NOT met" in report.report(run)
