@@ -521,23 +521,16 @@ def assert_varlen_gradients_match(case: VarlenCase, backend: str, device="cpu", 
 
 def _varlen_valid(inputs: dict) -> torch.Tensor:
     """[T] bool: the real tokens of a varlen case."""
-    from red_kernels.reference import sequence_of_tokens
+    from red_kernels.reference import packed_layout
 
     hidden, _, _, cu, lens, *_ = _varlen_reference_args(inputs)
-    T, N = hidden.shape[0], lens.shape[0]
-    sequence = sequence_of_tokens(cu, T)
-    inside = sequence < N
-    seq = sequence.clamp(max=max(N - 1, 0))
-    if N == 0:
-        return torch.zeros(T, dtype=torch.bool)
-    return inside & (torch.arange(T) - cu[seq] < lens[seq])
+    return packed_layout(cu, lens, hidden.shape[0])[2]
 
 
 def _varlen_reward_bound(inputs: dict, grad_rewards: torch.Tensor) -> torch.Tensor:
     """[T]: |grad_rewards[i]| at sequence i's last real token, 0 elsewhere."""
-    last = varlen_expected(inputs)[3]
-    T = _varlen_valid(inputs).shape[0]
-    bound = torch.zeros(T, dtype=torch.float64)
-    keep = last >= 0
-    bound[last[keep]] = grad_rewards.double().abs()[keep]
+    hidden, _, _, cu, lens, *_ = _varlen_reference_args(inputs)
+    bound = torch.zeros(hidden.shape[0], dtype=torch.float64)
+    keep = lens > 0
+    bound[(cu[:-1] + lens - 1)[keep]] = grad_rewards.double().abs()[keep]
     return bound

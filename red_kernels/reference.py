@@ -75,10 +75,21 @@ def row_dot(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return products[..., 0]
 
 
-def sequence_of_tokens(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
-    """For each of ``total`` packed tokens, the index of the slot that holds it (``N`` past the last slot)."""
-    positions = torch.arange(total, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
-    return torch.searchsorted(cu_seqlens[1:].contiguous(), positions, right=True)
+def packed_layout(cu_seqlens: torch.Tensor, seq_lens: torch.Tensor, total: int):
+    """Where each of ``total`` packed tokens lies: its slot (clamped to a valid index; 0 when N = 0), its position
+    in that slot, and whether it is a real token (inside a slot, before that slot's ``seq_lens``)."""
+    N = seq_lens.shape[0]
+    device = cu_seqlens.device
+    positions = torch.arange(total, device=device, dtype=torch.int64)
+    if N == 0:
+        zeros = torch.zeros(total, dtype=torch.int64, device=device)
+        return zeros, zeros, torch.zeros(total, dtype=torch.bool, device=device)
+    cu = cu_seqlens.to(torch.int64)
+    sequence = torch.searchsorted(cu[1:].contiguous(), positions, right=True)  # N past the last slot
+    seq = sequence.clamp(max=N - 1)
+    position = positions - cu[seq]
+    valid = (sequence < N) & (position < seq_lens.to(torch.int64)[seq])
+    return seq, position, valid
 
 
 def redistribute_varlen_reference(
@@ -101,22 +112,11 @@ def redistribute_varlen_reference(
     Each packed token gets section 2's rule with t its position in its slot; the first token of a sequence
     takes ``prev_scores[i]`` as its previous score when that is not NaN.
     """
-    total = hidden.shape[0]
-    N = seq_lens.shape[0]
-    device = hidden.device
+    total, N = hidden.shape[0], seq_lens.shape[0]
     cu = cu_seqlens.to(torch.int64)
     lens = seq_lens.to(torch.int64)
-    sequence = sequence_of_tokens(cu, total)
-    inside = sequence < N
-    seq = sequence.clamp(max=max(N - 1, 0))
-    if N == 0:
-        position = torch.zeros(total, dtype=torch.int64, device=device)
-        valid = torch.zeros(total, dtype=torch.bool, device=device)
-        start = position
-    else:
-        position = torch.arange(total, device=device) - cu[seq]
-        valid = inside & (position < lens[seq])
-        start = torch.minimum(response_start.to(torch.int64).clamp(min=0), lens)[seq]
+    seq, position, valid = packed_layout(cu, lens, total)
+    start = torch.minimum(response_start.to(torch.int64).clamp(min=0), lens)[seq] if N else position
 
     real_hidden = _copy_with_strides(hidden.to(compute_dtype)).masked_fill_(~valid.unsqueeze(-1), 0)
     # fixed_order=False: a plain matrix-vector product (faster, but a token's rounding depends on the call's shape;
