@@ -6,14 +6,22 @@ Every provider computes the same op on the same inputs:
   compile  red_kernels.reference.redistribute_reference through torch.compile(dynamic=False),
            called on the inputs the public call hands every backend (float32 weight, a bias
            tensor, a uint8 mask, an int64 start); compiled and warmed up before any timing
+  dense    (forward only) `cpu` on the same hidden with every position real (an all-ones mask), so
+           it reads every byte of hidden, as `read` does
   read     (forward only) one plain read of the same bytes of hidden: torch.sum over them viewed
            as float32, a streaming, vectorised, multi-threaded reduction; the floor for any op
            that reads hidden once
+
+The forward suite times `read` once more before every round of every other provider (paired_with_floor),
+so each round's ratio to the floor is taken a few milliseconds apart: on these shared VMs the memory
+bandwidth drifts by up to 3x within minutes, more than the differences being measured.
 """
 
 from __future__ import annotations
 
 import functools
+import statistics
+import time
 
 import torch
 
@@ -22,7 +30,8 @@ from red_kernels._cases import ACCUMULATION_ULPS, EPS32, assert_within, output_r
 from red_kernels.op import RedistributeOutput
 from red_kernels.reference import redistribute_reference
 
-FORWARD_PROVIDERS = ("cpu", "eager", "compile", "read")
+FORWARD_PROVIDERS = ("cpu", "dense", "eager", "compile", "read")
+PAIRED_ROUNDS = 40  # rounds of a forward benchmark, each after one timed read of the floor
 BACKWARD_PROVIDERS = ("cpu", "eager", "compile")
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 WARMUP_CALLS = 3  # after the first (compiling) call
@@ -39,6 +48,40 @@ def make_inputs(B: int, T: int, H: int, dtype: torch.dtype, seed: int = 0) -> di
     mask = (torch.arange(T) < lengths[:, None]).to(torch.uint8)
     start = torch.full((B,), T // 4, dtype=torch.int64)
     return dict(hidden=hidden, weight=weight, bias=bias, attention_mask=mask, response_start=start, baseline="prompt")
+
+
+def dense_of(inputs: dict) -> dict:
+    """The same inputs with every position real (provider `dense`)."""
+    return {**inputs, "attention_mask": torch.ones_like(inputs["attention_mask"])}
+
+
+def describe(benchmark, kind: str, provider: str, dtype: str, shape, hidden: torch.Tensor, **more) -> None:
+    """The benchmark's group and the extra_info report.py reads (the same keys in every suite)."""
+    B, T, H = shape
+    benchmark.group = f"{kind} {dtype} B={B} T={T} H={H}"
+    benchmark.extra_info.update(kind=kind, provider=provider, dtype=dtype, B=B, T=T, H=H,
+                                hidden_bytes=hidden.numel() * hidden.element_size(),
+                                threads=torch.get_num_threads(), **more)
+
+
+def paired_with_floor(benchmark, fn, inputs: dict, rounds: int = PAIRED_ROUNDS) -> None:
+    """Time ``fn`` with pytest-benchmark, one call a round, each round right after one timed read of the
+    floor (`read`); record the median and quartiles of the rounds' ratios fn / floor in extra_info
+    ("floor_ratio"). Timing happens only when the benchmark is enabled (not under --benchmark-disable)."""
+    floor, floor_times = forward_fn("read", inputs), []
+
+    def time_floor():
+        start = time.perf_counter()
+        floor()
+        floor_times.append(time.perf_counter() - start)
+
+    benchmark.pedantic(fn, setup=time_floor, rounds=rounds, iterations=1)
+    times = benchmark.stats.stats.data if getattr(benchmark, "stats", None) else []
+    if times:
+        assert len(times) == len(floor_times), "pytest-benchmark ran a round without its floor read"
+        q1, median, q3 = statistics.quantiles([t / f for t, f in zip(times, floor_times)], n=4)
+        benchmark.extra_info["floor_ratio"] = dict(median=median, q1=q1, q3=q3, rounds=len(times),
+                                                   floor_median=statistics.median(floor_times))
 
 
 @functools.cache
@@ -62,6 +105,9 @@ def forward_fn(provider: str, inputs: dict):
     if provider == "read":
         as_float_words = inputs["hidden"].view(-1).view(torch.float32)  # the same bytes, whatever the dtype
         return lambda: torch.sum(as_float_words)
+    if provider == "dense":
+        every_position = dense_of(inputs)
+        return lambda: call("cpu", inputs["hidden"], inputs["weight"], inputs["bias"], every_position)
     return lambda: call(provider, inputs["hidden"], inputs["weight"], inputs["bias"], inputs)
 
 
@@ -96,7 +142,7 @@ def check_forward(provider: str, out, inputs: dict) -> None:
         error, bound = (out.double() - words.sum()).abs().item(), ACCUMULATION_ULPS * EPS32 * words.abs().sum().item()
         assert error <= bound, f"read: float32 sum off by {error:.3g}, more than float32 accumulation's {bound:.3g}"
         return
-    assert_matches(out, inputs)
+    assert_matches(out, dense_of(inputs) if provider == "dense" else inputs)
 
 
 def check_gradients(grads, inputs: dict, grads_out) -> None:

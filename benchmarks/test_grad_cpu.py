@@ -10,9 +10,8 @@ autograd through the float64 reference before they are timed.
 from __future__ import annotations
 
 import pytest
-import torch
 
-from providers import BACKWARD_PROVIDERS, DTYPES, backward_fn, check_gradients, make_inputs, upstream, warm_up
+from providers import BACKWARD_PROVIDERS, DTYPES, backward_fn, check_gradients, describe, make_inputs, upstream, warm_up
 
 
 @pytest.mark.parametrize("provider", BACKWARD_PROVIDERS)
@@ -22,9 +21,6 @@ def test_forward_backward(benchmark, shape, dtype, provider):
     inputs = make_inputs(B, T, H, DTYPES[dtype])
     grads_out = upstream(B, T)
     fn = backward_fn(provider, inputs, grads_out)
-    benchmark.group = f"forward+backward {dtype} B={B} T={T} H={H}"
-    benchmark.extra_info.update(kind="forward+backward", provider=provider, dtype=dtype, B=B, T=T, H=H,
-                                hidden_bytes=inputs["hidden"].numel() * inputs["hidden"].element_size(),
-                                threads=torch.get_num_threads())
+    describe(benchmark, "forward+backward", provider, dtype, shape, inputs["hidden"])
     check_gradients(warm_up(fn), inputs, grads_out)
     benchmark(fn)

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import red_kernels
-from providers import DTYPES, check_forward, check_gradients, warm_up
+from providers import DTYPES, check_forward, check_gradients, dense_of, describe, warm_up
 from red_kernels._cases import (ACCUMULATION_ULPS, EPS32, _varlen_reward_bound, assert_varlen_matches, assert_within,
                                 output_rounding)
 from red_kernels.op import RedistributeOutput
@@ -50,11 +50,6 @@ def make_inputs(B: int, T: int, H: int, dtype: torch.dtype, seed: int = 0) -> tu
     packed = dict(hidden=hidden[mask != 0].contiguous(), weight=weight, bias=bias, cu_seqlens=cu, seq_lens=None,
                   response_start=start, prev_scores=None, baseline="prompt")
     return padded, packed
-
-
-def dense_of(padded: dict) -> dict:
-    """The padded inputs with every position real (provider `dense`)."""
-    return {**padded, "attention_mask": torch.ones_like(padded["attention_mask"])}
 
 
 @functools.cache
@@ -133,14 +128,9 @@ def check_varlen_gradients(grads, packed: dict, grads_out) -> None:
     assert_within("grad_bias", grad_bias.reshape(1), want_bias, tol_bias)
 
 
-def describe(benchmark, kind: str, provider: str, dtype: str, shape, padded: dict, packed: dict) -> None:
-    B, T, H = shape
-    inputs = inputs_of(provider, padded, packed)
-    benchmark.group = f"{kind} {dtype} B={B} T={T} H={H}"
-    benchmark.extra_info.update(kind=kind, provider=provider, dtype=dtype, B=B, T=T, H=H,
-                                nnz=packed["hidden"].shape[0],
-                                hidden_bytes=inputs["hidden"].numel() * inputs["hidden"].element_size(),
-                                threads=torch.get_num_threads())
+def describe_varlen(benchmark, kind: str, provider: str, dtype: str, shape, padded: dict, packed: dict) -> None:
+    describe(benchmark, kind, provider, dtype, shape, inputs_of(provider, padded, packed)["hidden"],
+             nnz=packed["hidden"].shape[0])
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -149,7 +139,7 @@ def test_varlen_forward(benchmark, shape, dtype, provider):
     padded, packed = make_inputs(*shape, DTYPES[dtype])
     inputs = inputs_of(provider, padded, packed)
     fn = functools.partial(call, provider, inputs["hidden"], inputs["weight"], inputs["bias"], padded, packed)
-    describe(benchmark, "varlen forward", provider, dtype, shape, padded, packed)
+    describe_varlen(benchmark, "varlen forward", provider, dtype, shape, padded, packed)
     with torch.inference_mode():
         out = warm_up(fn)
         if provider in ("padded", "dense"):
@@ -166,7 +156,7 @@ def test_varlen_forward_backward(benchmark, shape, dtype, provider):
     grads_padded, grads_packed = upstream(padded)
     grads_out = grads_padded if provider in ("padded", "dense") else grads_packed
     fn = backward_fn(provider, padded, packed, grads_out)
-    describe(benchmark, "varlen forward+backward", provider, dtype, shape, padded, packed)
+    describe_varlen(benchmark, "varlen forward+backward", provider, dtype, shape, padded, packed)
     grads = warm_up(fn)
     if provider in ("padded", "dense"):
         check_gradients(grads, inputs_of(provider, padded, packed), grads_out)

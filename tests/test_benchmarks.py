@@ -56,10 +56,16 @@ def _bench(kind, dtype, provider, median):
             "stats": {"median": median, "q1": median * 0.9, "q3": median * 1.1, "rounds": 5}}
 
 
+def _paired(entry, median):
+    entry["extra_info"]["floor_ratio"] = {"median": median, "q1": median - 0.1, "q3": median + 0.1, "rounds": 40}
+    return entry
+
+
 def test_report_divides_medians_within_one_run():
     run = {"benchmarks": [
-        _bench("forward", "float32", "cpu", 2e-3), _bench("forward", "float32", "eager", 5e-3),
-        _bench("forward", "float32", "compile", 3e-3), _bench("forward", "float32", "read", 1.6e-3),
+        _paired(_bench("forward", "float32", "cpu", 2e-3), 1.1), _bench("forward", "float32", "eager", 5e-3),
+        _paired(_bench("forward", "float32", "compile", 3e-3), 1.65), _bench("forward", "float32", "read", 1.6e-3),
+        _paired(_bench("forward", "float32", "dense", 2.4e-3), 1.3),
         _bench("forward+backward", "bfloat16", "cpu", 10e-3), _bench("forward+backward", "bfloat16", "eager", 40e-3),
         _bench("forward+backward", "bfloat16", "compile", 9e-3),
         {"extra_info": {}, "stats": {"median": 1.0}},  # a benchmark of another suite is ignored
@@ -69,13 +75,49 @@ def test_report_divides_medians_within_one_run():
     forward = {name: (value, verdict) for name, value, verdict in
                report.ratios("forward", "float32", found[("forward", "float32", 8, 1024, 2048)])}
     assert forward["eager / cpu"] == (pytest.approx(2.5), ">= 1.5x: met")
-    assert forward["compile / cpu"] == (pytest.approx(1.5), "> 1x: met")
-    assert forward["cpu / read floor"] == (pytest.approx(1.25), "<= 1.15x: NOT met")
+    assert forward["compile / cpu"] == (pytest.approx(1.5), "")
+    assert forward["compile / cpu, over the floor"] == (pytest.approx(1.5), "> 1x: met")  # 1.65 / 1.1
+    assert forward["cpu / read floor, paired"] == (pytest.approx(1.1), "[1.00, 1.20] <= 1.15x: met")
+    assert forward["dense / read floor, paired"] == (pytest.approx(1.3), "[1.20, 1.40] <= 1.15x: NOT met")
     backward = {name: (value, verdict) for name, value, verdict in
                 report.ratios("forward+backward", "bfloat16", found[("forward+backward", "bfloat16", 8, 1024, 2048)])}
     assert backward["eager / cpu"] == (pytest.approx(4.0), ">= 3.0x: met")
     assert backward["best of eager, compile / cpu"] == (pytest.approx(0.9), ">= 1x: NOT met")
     assert "forward+backward bfloat16 B=8 T=1024 H=2048" in report.report(run)
+
+
+class _FakeBenchmark:
+    """pytest-benchmark's pedantic(), its per-round data and extra_info, with a fixed clock: each call of the
+    timed function takes 3 ticks, each floor read 2, so every round's ratio is 1.5."""
+
+    def __init__(self, clock):
+        self.clock, self.extra_info, self.stats = clock, {}, None
+
+    def pedantic(self, fn, setup, rounds, iterations):
+        assert iterations == 1
+        data = []
+        for _ in range(rounds):
+            setup()
+            start = self.clock.now
+            fn()
+            data.append(self.clock.now - start)
+        self.stats = type("Metadata", (), {"stats": type("Stats", (), {"data": data})()})()
+
+
+def test_paired_floor_ratio_is_per_round(monkeypatch):
+    class Clock:
+        now = 0.0
+
+    clock = Clock()
+
+    def tick(n):
+        clock.now += n
+
+    monkeypatch.setattr(providers.time, "perf_counter", lambda: clock.now)
+    monkeypatch.setattr(providers, "forward_fn", lambda provider, inputs: lambda: tick(2.0))
+    bench = _FakeBenchmark(clock)
+    providers.paired_with_floor(bench, lambda: tick(3.0), inputs={}, rounds=7)
+    assert bench.extra_info["floor_ratio"] == {"median": 1.5, "q1": 1.5, "q3": 1.5, "rounds": 7, "floor_median": 2.0}
 
 
 def test_varlen_gradient_check_fails_on_a_wrong_gradient():
