@@ -11,7 +11,7 @@ SOURCES := pyproject.toml setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/cuda/*.cu
 STAMP := $(VENV)/.installed
 
 .PHONY: install test test-kernels test-triton test-simt test-trl check-setuptools test-gpu demo study study-quick bench wheel wheel-check clean
-.PHONY: test-bench
+.PHONY: test-bench test-lowering-compat
 
 install: $(STAMP)
 
@@ -25,7 +25,7 @@ $(STAMP): $(SOURCES)
 
 # The whole suite: everything on CPU (GPU tests skip without a GPU), then the Triton kernels under
 # the Triton interpreter in a process of their own (TRITON_INTERPRET must be set before triton loads).
-test: test-kernels test-triton test-bench
+test: test-kernels test-triton test-bench test-lowering-compat
 
 test-kernels: install
 	RED_KERNELS_EXPECT_EXTENSION=1 $(PY) -m pytest tests -q -p no:cacheprovider
@@ -33,6 +33,16 @@ test-kernels: install
 test-triton: install
 	TRITON_INTERPRET=1 $(PY) scripts/check_triton_interpreter.py  # fails fast where the interpreter cannot loop
 	TRITON_INTERPRET=1 $(PY) -m pytest tests -q -p no:cacheprovider -k triton -m "not gpu"
+
+# The Triton kernels' compiled form (tests/test_gpu_lowering.py) once more under an older Triton: 3.6, what
+# torch 2.11 installs and what the lent GPU machine runs. Installed beside the venv's own (build/, --no-deps)
+# and put first on the path; part of `make test`.
+TRITON_COMPAT := 3.6.0
+TRITON_COMPAT_DIR := build/triton-$(TRITON_COMPAT)
+test-lowering-compat: install
+	test -d $(TRITON_COMPAT_DIR)/triton || $(PY) -m pip install -q --no-deps --target $(TRITON_COMPAT_DIR) "triton==$(TRITON_COMPAT)"
+	PYTHONPATH=$(CURDIR)/$(TRITON_COMPAT_DIR) RED_KERNELS_TRITON_VERSION=$(TRITON_COMPAT) \
+		$(PY) -m pytest tests/test_gpu_lowering.py -q -p no:cacheprovider
 
 # The CUDA kernels' own source on the CPU (csrc/simt): the GPU test matrix under ASan + UBSan, a TSan subset,
 # and the planted bugs. Part of `make test` (test-kernels); this target runs it alone.

@@ -72,35 +72,58 @@ def _backward_fake(grad_scores, grad_rewards, grad_token_rewards, hidden, weight
     return grad_hidden, grad_weight, grad_bias
 
 
-def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, mask, start, baseline_zero = inputs
-    ctx.save_for_backward(hidden, weight, mask, start, output[3])
-    ctx.baseline_zero = baseline_zero
-    ctx.has_bias = bias is not None
+def _make_setup_context(packed: bool):
+    """Saves what the backward needs. The padded op's inputs are (hidden, weight, bias, mask, start,
+    baseline_zero), the packed op's (hidden, weight, bias, cu_seqlens, seq_lens, start, prev_scores,
+    baseline_zero): the tensors between bias and start say where the rows are (the layout)."""
+
+    def setup_context(ctx, inputs, output):
+        hidden, weight, bias, *layout, start = inputs[:-1] if not packed else inputs[:-2]
+        prev_scores = inputs[-2] if packed else None
+        ctx.save_for_backward(hidden, weight, *layout, start, output[3], prev_scores)
+        ctx.baseline_zero = inputs[-1]
+        ctx.has_bias = bias is not None
+
+    return setup_context
 
 
-def _make_backward(backward_name: str):
+def _make_backward(backward_name: str, packed: bool = False):
+    """Autograd of either op through its backward kernel ``backward_name``; for the packed op, also the
+    gradient of prev_scores (carried_baseline_gradient, below)."""
+
     def backward(ctx, grad_scores, grad_rewards, grad_token_rewards, _grad_last_index):
-        hidden, weight, mask, start, last_index = ctx.saved_tensors
+        hidden, weight, *layout, start, last_index, prev_scores = ctx.saved_tensors
         output_mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
                        ctx.needs_input_grad[2] and ctx.has_bias]
-        B, T = mask.shape
+        # [B, T] and [B] (padded, from the mask), or [T] and [N] (packed, from hidden and seq_lens)
+        positions, sequences = ((hidden.shape[0],), (layout[1].shape[0],)) if packed else (layout[0].shape,
+                                                                                          layout[0].shape[:1])
         # An output that took no part in the loss arrives as None: it contributes zero.
         if grad_scores is None:
-            grad_scores = hidden.new_zeros((B, T), dtype=torch.float32)
+            grad_scores = hidden.new_zeros(positions, dtype=torch.float32)
         if grad_rewards is None:
-            grad_rewards = hidden.new_zeros((B,), dtype=torch.float32)
+            grad_rewards = hidden.new_zeros(sequences, dtype=torch.float32)
         if grad_token_rewards is None:
-            grad_token_rewards = hidden.new_zeros((B, T), dtype=torch.float32)
+            grad_token_rewards = hidden.new_zeros(positions, dtype=torch.float32)
+        grad_token_rewards = grad_token_rewards.float().contiguous()
         grad_hidden, grad_weight, grad_bias = getattr(torch.ops.red_kernels, backward_name)(
-            grad_scores.float().contiguous(), grad_rewards.float().contiguous(),
-            grad_token_rewards.float().contiguous(), hidden, weight, mask, start, last_index,
-            ctx.baseline_zero, output_mask,
+            grad_scores.float().contiguous(), grad_rewards.float().contiguous(), grad_token_rewards, hidden,
+            weight, *layout, start, last_index, ctx.baseline_zero, output_mask,
         )
-        return (grad_hidden if output_mask[0] else None, grad_weight if output_mask[1] else None,
-                grad_bias if output_mask[2] else None, None, None, None)
+        grads = [grad_hidden if output_mask[0] else None, grad_weight if output_mask[1] else None,
+                 grad_bias if output_mask[2] else None] + [None] * (len(layout) + 1)  # the layout, start
+        if packed:
+            cu_seqlens, seq_lens = layout
+            grad_prev = None
+            if ctx.needs_input_grad[6] and prev_scores is not None:
+                grad_prev = carried_baseline_gradient(grad_token_rewards, cu_seqlens, seq_lens, start, prev_scores)
+            grads.append(grad_prev)
+        return (*grads, None)  # baseline_zero
 
     return backward
+
+
+_setup_context = _make_setup_context(packed=False)
 
 
 if _C is not None:
@@ -189,11 +212,7 @@ def _varlen_backward_fake(grad_scores, grad_rewards, grad_token_rewards, hidden,
                           baseline_zero, output_mask)
 
 
-def _varlen_setup_context(ctx, inputs, output):
-    hidden, weight, bias, cu_seqlens, seq_lens, start, prev_scores, baseline_zero = inputs
-    ctx.save_for_backward(hidden, weight, cu_seqlens, seq_lens, start, output[3], prev_scores)
-    ctx.baseline_zero = baseline_zero
-    ctx.has_bias = bias is not None
+_varlen_setup_context = _make_setup_context(packed=True)
 
 
 def carried_baseline_gradient(grad_token_rewards, cu_seqlens, seq_lens, start, prev_scores):
@@ -206,38 +225,12 @@ def carried_baseline_gradient(grad_token_rewards, cu_seqlens, seq_lens, start, p
     return torch.where(used, grad, grad.new_zeros(()))
 
 
-def _make_varlen_backward(backward_name: str):
-    def backward(ctx, grad_scores, grad_rewards, grad_token_rewards, _grad_last_index):
-        hidden, weight, cu_seqlens, seq_lens, start, last_index, prev_scores = ctx.saved_tensors
-        output_mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
-                       ctx.needs_input_grad[2] and ctx.has_bias]
-        T, N = hidden.shape[0], seq_lens.shape[0]
-        if grad_scores is None:
-            grad_scores = hidden.new_zeros((T,), dtype=torch.float32)
-        if grad_rewards is None:
-            grad_rewards = hidden.new_zeros((N,), dtype=torch.float32)
-        if grad_token_rewards is None:
-            grad_token_rewards = hidden.new_zeros((T,), dtype=torch.float32)
-        grad_token_rewards = grad_token_rewards.float().contiguous()
-        grad_hidden, grad_weight, grad_bias = getattr(torch.ops.red_kernels, backward_name)(
-            grad_scores.float().contiguous(), grad_rewards.float().contiguous(), grad_token_rewards, hidden,
-            weight, cu_seqlens, seq_lens, start, last_index, ctx.baseline_zero, output_mask,
-        )
-        grad_prev = None
-        if ctx.needs_input_grad[6] and prev_scores is not None:
-            grad_prev = carried_baseline_gradient(grad_token_rewards, cu_seqlens, seq_lens, start, prev_scores)
-        return (grad_hidden if output_mask[0] else None, grad_weight if output_mask[1] else None,
-                grad_bias if output_mask[2] else None, None, None, None, grad_prev, None)
-
-    return backward
-
-
 if _C is not None:
     torch.library.register_fake("red_kernels::redistribute_varlen")(_varlen_forward_fake)
     torch.library.register_fake("red_kernels::redistribute_varlen_backward")(_varlen_backward_fake)
     torch.library.register_autograd(
         "red_kernels::redistribute_varlen",
-        _make_varlen_backward("redistribute_varlen_backward"),
+        _make_backward("redistribute_varlen_backward", packed=True),
         setup_context=_varlen_setup_context,
     )
 
@@ -267,5 +260,5 @@ if TRITON_VERSION is not None:
     redistribute_varlen_triton.register_fake(_varlen_forward_fake)
     redistribute_varlen_triton_backward.register_fake(_varlen_backward_fake)
     redistribute_varlen_triton.register_autograd(
-        _make_varlen_backward("redistribute_varlen_triton_backward"), setup_context=_varlen_setup_context
+        _make_backward("redistribute_varlen_triton_backward", packed=True), setup_context=_varlen_setup_context
     )

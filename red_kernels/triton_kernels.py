@@ -42,12 +42,23 @@ _PROGRAMS_PER_SM = 4  # forward rows are split until this many programs per SM e
 # Backward programs per SM: one wave of equal programs. tests/test_gpu_lowering.py checks that this
 # many fit on an SM (registers, shared memory) for every aligned variant.
 _BACKWARD_PROGRAMS_PER_SM = 3
+# Registers per thread the 16-bit four-warp backward may take (Triton's maxnreg): 65536 / (168 * 128) keeps
+# _BACKWARD_PROGRAMS_PER_SM programs on an SM. Triton 3.6 (what torch 2.11 installs) gives that variant 157-177
+# registers at sm_90 (2 programs at B=8 T=1024 H=4096) and 193 at sm_80; capped, 160-161, no spills; Triton
+# 3.8 gives it 128-135 by itself and 122-124 capped. Only there: a cap on every variant let 3.8 grow the
+# float32 backward from 113 to 135 registers (4 -> 3 programs), and 136 made 3.6 spill 8 bytes in the
+# unaligned bf16 one (tests/test_gpu_lowering.py runs under both versions).
+_BACKWARD_MAX_REGISTERS_16BIT = 168
 _NUM_STAGES = 3  # cp.async pipeline depth of the H loop (forward) and the row loop (backward)
 _MAX_SCAN_BLOCK = 1024  # positions per step of the [T] scan in _token_rewards_kernel
 _PACKED_GRADIENT_BLOCK = 1024  # packed tokens per program of _packed_gradient_kernel
 # SM count used on CPU tensors (the interpreter): small, so the tests' small shapes still split
 # into several programs and the backward's row runs cross batch rows.
 _INTERPRETER_SM_COUNT = 4
+
+
+def _backward_max_registers(element_size: int, num_warps: int) -> int | None:
+    return _BACKWARD_MAX_REGISTERS_16BIT if element_size == 2 and num_warps == 4 else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,9 +71,17 @@ class Launch:
     constexprs: dict
     num_warps: int
     num_stages: int = 1
+    max_registers: int | None = None  # ptxas's cap per thread (Triton's maxnreg); None: the compiler's choice
+
+    def options(self) -> dict:
+        """The launch options besides the constexprs, as the JIT takes them."""
+        options = {"num_warps": self.num_warps, "num_stages": self.num_stages}
+        if self.max_registers is not None:
+            options["maxnreg"] = self.max_registers
+        return options
 
     def __call__(self) -> None:
-        self.kernel[self.grid](*self.args, **self.constexprs, num_warps=self.num_warps, num_stages=self.num_stages)
+        self.kernel[self.grid](*self.args, **self.constexprs, **self.options())
 
 
 def sm_count(device: torch.device) -> int:
@@ -393,7 +412,7 @@ def backward_launches(grads, hidden, weight, mask, start, last_index, baseline_z
                    dict(BASELINE_ZERO=baseline_zero, NEED_HIDDEN=need_hidden, NEED_WEIGHT=need_weight,
                         NEED_BIAS=need_bias, BLOCK_T=block_t, BLOCK_H=block_h,
                         NUM_STAGES=_NUM_STAGES if aligned else _NUM_STAGES_UNALIGNED_BACKWARD),
-                   num_warps)]
+                   num_warps, max_registers=_backward_max_registers(hidden.element_size(), num_warps))]
 
 
 def redistribute_backward(grad_scores, grad_rewards, grad_token_rewards, hidden, weight, mask, start,
@@ -523,7 +542,7 @@ def varlen_backward_launches(grads, hidden, weight, cu_seqlens, seq_lens, start,
                    dict(BASELINE_ZERO=baseline_zero, NEED_HIDDEN=need_hidden, NEED_WEIGHT=need_weight,
                         NEED_BIAS=need_bias, BLOCK_T=block_t, BLOCK_H=block_h,
                         NUM_STAGES=_NUM_STAGES if aligned else _NUM_STAGES_UNALIGNED_BACKWARD, PACKED=True),
-                   num_warps)]
+                   num_warps, max_registers=_backward_max_registers(hidden.element_size(), num_warps))]
 
 
 def redistribute_varlen_backward(grad_scores, grad_rewards, grad_token_rewards, hidden, weight, cu_seqlens, seq_lens,

@@ -92,7 +92,7 @@ def _bind(launch, backend):
 
     kernel = launch.kernel
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
-    kwargs = {**launch.constexprs, "num_warps": launch.num_warps, "num_stages": launch.num_stages, "debug": False}
+    kwargs = {**launch.constexprs, **launch.options(), "debug": False}
     bound, specialization, options = binder(*launch.args, **kwargs)
     return kernel._pack_args(backend, kwargs, bound, specialization, options)
 

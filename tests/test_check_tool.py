@@ -22,9 +22,11 @@ def test_check_passes_on_cpu_backends() -> None:
     result = _run_check(interpret=False)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "all checks passed" in result.stdout
+    packed = red_kernels.available_backends("cpu", varlen=True)
     for backend in red_kernels.available_backends("cpu"):
         line = next(line for line in result.stdout.splitlines() if f" {backend} " in line)
         assert "28/28" in line, line
+        assert (" 14/14 " in line) == (backend in packed), line  # every 3rd of the 21 packs, forward + backward
 
 
 def test_check_passes_under_the_interpreter() -> None:
@@ -55,3 +57,21 @@ def test_check_fails_on_a_wrong_kernel(monkeypatch, capsys) -> None:
     monkeypatch.setattr(torch.Tensor, "backward", lambda self, *a, **k: None)  # no gradient reaches the leaves
     assert check.main(["--quick", "--devices", "cpu", "--bench-seconds", "0.1"]) == 1
     assert "backward" in capsys.readouterr().out
+
+
+def test_check_fails_on_a_wrong_varlen_kernel(monkeypatch, capsys) -> None:
+    """The packed op's cases are checked too: a token reward off by a hair fails them alone."""
+    from red_kernels import _cases, check
+
+    real = _cases.redistribute_varlen_op
+
+    def slightly_wrong(hidden, weight, bias, inputs, backend, prev_scores="inputs"):
+        out = real(hidden, weight, bias, inputs, backend, prev_scores)
+        token_rewards = out.token_rewards.clone()
+        token_rewards[0] += 1e-3 * (1 + token_rewards[0].abs())
+        return out._replace(token_rewards=token_rewards)
+
+    monkeypatch.setattr(_cases, "redistribute_varlen_op", slightly_wrong)
+    assert check.main(["--quick", "--devices", "cpu", "--bench-seconds", "0.1"]) == 1
+    failed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
+    assert failed and all("varlen forward" in line or "varlen backward" in line for line in failed), failed

@@ -339,10 +339,10 @@ MUTANTS = {
     1: ("asan", "a missing cp.async.wait_group", r"while the cp\.async into it .* is in flight"),
     2: ("asan", "a ring slot reused one round early", r"in flight"),
     3: ("asan", "the halo row shifted by one", r"token_rewards: \d+ elements out of tolerance"),
-    # The barrier check reports it one of two ways, by which thread stops running last: one that exits while
-    # others wait in the barrier, or one that enters the barrier after the others have exited (a deadlock).
+    # Whichever thread stops running last (one that exits while others wait in the barrier, or one that enters
+    # it after the others have exited), the barrier check names the bug the same way.
     4: ("asan", "__syncthreads in a branch not every thread takes",
-        r"exits while other threads wait|deadlock: every thread waits or has exited.*wait in __syncthreads"),
+        r"wait in __syncthreads.*: a barrier or warp exchange that not every thread reaches"),
     5: ("asan", "a shuffle mask missing a lane", r"mask 0x7fffffff"),
     6: ("asan", "a backward chunk that skips its last row", r"grad_hidden: \d+ elements out of tolerance"),
     7: ("asan", "a 32-bit row offset", r"AddressSanitizer|scores: \d+ elements out of tolerance"),

@@ -261,8 +261,13 @@ inline std::string hex(uint64_t value) {
 // Called when this thread is about to wait and no thread of the block is running: nothing can wake it.
 inline void check_progress_locked(Block& block) {
   if (block.running == 0) {
+    bool exited = false;
+    for (State s : block.state) exited |= s == State::Exited;
+    // Threads that exited while this one waits: the same bug finish_thread reports when the last thread to stop
+    // is one that exits, so both say it the same way.
     fail_locked(block, "deadlock: every thread waits or has exited, and no barrier or warp exchange can complete (" +
-                           describe_threads(block) + ")");
+                           describe_threads(block) + ")" +
+                           (exited ? ": a barrier or warp exchange that not every thread reaches" : ""));
   }
 }
 
