@@ -41,8 +41,9 @@ TRITON_COMPAT := 3.6.0
 TRITON_COMPAT_DIR := build/triton-$(TRITON_COMPAT)
 test-lowering-compat: install
 	test -d $(TRITON_COMPAT_DIR)/triton || $(PY) -m pip install -q --no-deps --target $(TRITON_COMPAT_DIR) "triton==$(TRITON_COMPAT)"
-	PYTHONPATH=$(CURDIR)/$(TRITON_COMPAT_DIR) RED_KERNELS_TRITON_VERSION=$(TRITON_COMPAT) \
-		$(PY) -m pytest tests/test_gpu_lowering.py -q -p no:cacheprovider
+	PYTHONPATH=$(CURDIR)/$(TRITON_COMPAT_DIR) $(PY) -c "import triton, sys; \
+		sys.exit(0 if triton.__version__ == '$(TRITON_COMPAT)' else f'loaded Triton {triton.__version__}, not $(TRITON_COMPAT)')"
+	PYTHONPATH=$(CURDIR)/$(TRITON_COMPAT_DIR) $(PY) -m pytest tests/test_gpu_lowering.py -q -p no:cacheprovider
 
 # The CUDA kernels' own source on the CPU (csrc/simt): the GPU test matrix under ASan + UBSan, a TSan subset,
 # and the planted bugs. Part of `make test` (test-kernels); this target runs it alone.

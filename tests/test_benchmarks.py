@@ -87,8 +87,7 @@ def test_report_divides_medians_within_one_run():
 
 
 class _FakeBenchmark:
-    """pytest-benchmark's pedantic(), its per-round data and extra_info, with a fixed clock: each call of the
-    timed function takes 3 ticks, each floor read 2, so every round's ratio is 1.5."""
+    """pytest-benchmark's pedantic(), its per-round data and extra_info, on a fake clock."""
 
     def __init__(self, clock):
         self.clock, self.extra_info, self.stats = clock, {}, None
@@ -105,19 +104,26 @@ class _FakeBenchmark:
 
 
 def test_paired_floor_ratio_is_per_round(monkeypatch):
+    """The floor read doubles in time each round (a drifting machine) and each round's call takes 1.5x the read
+    just before it: only rounds paired with their own read give 1.5 (a read one round off gives 0.75 or 3)."""
+
     class Clock:
-        now = 0.0
+        now, floor = 0.0, 0.5
 
     clock = Clock()
 
-    def tick(n):
-        clock.now += n
+    def read_floor():
+        clock.floor *= 2
+        clock.now += clock.floor
+
+    def call():
+        clock.now += 1.5 * clock.floor
 
     monkeypatch.setattr(providers.time, "perf_counter", lambda: clock.now)
-    monkeypatch.setattr(providers, "forward_fn", lambda provider, inputs: lambda: tick(2.0))
+    monkeypatch.setattr(providers, "forward_fn", lambda provider, inputs: read_floor)
     bench = _FakeBenchmark(clock)
-    providers.paired_with_floor(bench, lambda: tick(3.0), inputs={}, rounds=7)
-    assert bench.extra_info["floor_ratio"] == {"median": 1.5, "q1": 1.5, "q3": 1.5, "rounds": 7, "floor_median": 2.0}
+    providers.paired_with_floor(bench, call, inputs={}, rounds=7)
+    assert bench.extra_info["floor_ratio"] == {"median": 1.5, "q1": 1.5, "q3": 1.5, "rounds": 7, "floor_median": 8.0}
 
 
 def test_varlen_gradient_check_fails_on_a_wrong_gradient():

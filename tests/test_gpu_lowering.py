@@ -9,13 +9,12 @@ aligned, no shuffles (cross-lane reductions) and at most two barriers per iterat
 The packed (redistribute_varlen) variants are the same kernels with PACKED set, checked the same way.
 About 60 compiles for the padded variants and 75 for the packed ones with Triton's bundled ptxas.
 `make test` runs this file twice: under the venv's Triton, and under Triton 3.6 (what torch 2.11 installs,
-and the lent GPU machine has; `make test-lowering-compat`), where RED_KERNELS_TRITON_VERSION names it.
+and the lent GPU machine has; `make test-lowering-compat`, which first checks that 3.6 is the one loaded).
 """
 
 from __future__ import annotations
 
 import functools
-import os
 
 import pytest
 import torch
@@ -38,15 +37,6 @@ SHAPES = {"B32-T4096-H4096": (32, 4096, 4096, 0), "B8-T1024-H4096": (8, 1024, 40
           "B1-T1-H4096": (1, 1, 4096, 0), "B4-T63-H1": (4, 63, 1, 0), "B8-T1024-H4095": (8, 1024, 4095, 0),
           "B8-T1024-H4104": (8, 1024, 4104, 0),
           "B8-T1024-H2048-offset1": (8, 1024, 2048, 1)}
-
-
-def test_triton_is_the_version_asked_for() -> None:
-    """Under `make test-lowering-compat` the older Triton must be the one compiling, not the venv's."""
-    wanted = os.environ.get("RED_KERNELS_TRITON_VERSION")
-    if wanted is None:
-        assert triton.__version__ == tk.triton.__version__
-    else:
-        assert triton.__version__ == wanted, f"compiling with Triton {triton.__version__}, not {wanted}"
 
 
 def _hidden(B, T, H, dtype, offset):
