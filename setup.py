@@ -5,6 +5,9 @@ Switches (SPEC.md section 4):
   RED_KERNELS_FORCE_CUDA=1   a missing CUDA toolkit (or a CPU-only torch) is an error
   TORCH_CUDA_ARCH_LIST       architectures; with no visible GPU the default is "8.0;9.0+PTX"
   MAX_JOBS                   parallel compile jobs (default 2: one nvcc job needs several GiB)
+
+Needs setuptools >= 77 (the PEP 639 license string in pyproject.toml), except for `python setup.py build_ext
+--inplace`, which builds the extension alone with any setuptools from 64 on (what `make test-gpu` runs).
 """
 
 from __future__ import annotations
@@ -20,10 +23,16 @@ from setuptools import setup
 
 # pyproject.toml's license is an SPDX expression (PEP 639), read from setuptools 77 on; older ones stop
 # with "project.license must be valid exactly by one definition". A --no-build-isolation build uses the
-# environment's setuptools whatever build-system.requires says, so say what is needed here.
-if tuple(int(part) for part in setuptools.__version__.split(".")[:2] if part.isdigit()) < (77, 0):
+# environment's setuptools whatever build-system.requires says, so say what is needed here. The one thing an
+# older setuptools (64 on) may still do is build the extension in place (`setup.py build_ext --inplace`, what
+# `make test-gpu` runs with the GPU machine's own python): that needs no project metadata, and is done below
+# without reading pyproject.toml.
+_SETUPTOOLS = tuple(int(part) for part in setuptools.__version__.split(".")[:2] if part.isdigit())
+_EXTENSION_ONLY = _SETUPTOOLS < (77, 0)
+if _EXTENSION_ONLY and [arg for arg in sys.argv[1:] if not arg.startswith("-")] != ["build_ext"]:
     sys.exit(f"red-kernels needs setuptools >= 77 to build (PEP 639 license metadata), found "
-             f"{setuptools.__version__}: pip install 'setuptools>=77'")
+             f"{setuptools.__version__}: pip install 'setuptools>=77' (with an older one only "
+             f"`python setup.py build_ext --inplace`, the extension alone, works)")
 
 DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
 os.environ.setdefault("MAX_JOBS", "2")
@@ -103,7 +112,16 @@ def _extension():
     )
 
 
-setup(
-    ext_modules=[_extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
-)
+_COMMANDS = {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+
+if _EXTENSION_ONLY:
+    # setup() would read pyproject.toml's [project] table, which this setuptools rejects; a bare Distribution
+    # holding the extension alone never reads it.
+    from setuptools.dist import Distribution
+
+    _dist = Distribution({"name": "red-kernels", "ext_modules": [_extension()], "cmdclass": _COMMANDS,
+                          "script_name": os.path.basename(sys.argv[0]), "script_args": sys.argv[1:]})
+    if _dist.parse_command_line():
+        _dist.run_commands()
+else:
+    setup(ext_modules=[_extension()], cmdclass=_COMMANDS)
