@@ -1,9 +1,10 @@
-"""The documentation: every relative link in README.md and docs/*.md reaches a file (and a heading, for an
-#anchor into markdown, by GitHub's anchor rules); no file cites the old contract's name; the alignment
-example in docs/verl.md runs and gives what passing the right response start gives."""
+"""The documentation: every relative link in README.md, docs/*.md and the other READMEs reaches a file (and a
+heading, for an #anchor into markdown, by GitHub's anchor rules); no tracked file cites the old contract's name;
+the alignment example in docs/verl.md runs and gives what passing the right response start gives."""
 
 from __future__ import annotations
 
+import os
 import pathlib
 import re
 import shutil
@@ -12,7 +13,20 @@ import subprocess
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+SKIPPED_DIRS = {"build", "dist", "runs", "node_modules"}  # outputs; dot-directories (.venv, .git) too
+
+
+def markdown_files() -> list[pathlib.Path]:
+    """README.md, docs/*.md and the READMEs beside the code (benchmarks/, csrc/simt/), never entering a
+    virtual environment or an output folder."""
+    found = []
+    for folder, subfolders, files in os.walk(ROOT):
+        subfolders[:] = [d for d in subfolders if not d.startswith(".") and d not in SKIPPED_DIRS]
+        found += [pathlib.Path(folder) / name for name in files if name.endswith(".md")]
+    return sorted(found)
+
+
+DOCS = markdown_files()
 
 FENCE = re.compile(r"^\s*(```|~~~)")
 HEADING = re.compile(r"^#{1,6}\s+(.*?)\s*#*\s*$")
@@ -84,8 +98,8 @@ def broken_links(path: pathlib.Path) -> list[str]:
 
 
 def test_the_documents_are_found():
-    names = {path.name for path in DOCS}
-    assert {"README.md", "spec.md"} <= names, names
+    found = {str(path.relative_to(ROOT)) for path in DOCS}
+    assert {"README.md", "docs/spec.md", "docs/verl.md", "benchmarks/README.md"} <= found, found
 
 
 @pytest.mark.parametrize("path", DOCS, ids=lambda path: str(path.relative_to(ROOT)))
@@ -155,7 +169,7 @@ def test_the_alignment_example_locates_the_response_where_the_default_would_not(
     import torch
 
     from red_kernels import redistribute_across_tokenizers
-    from tests.align_tokenizers import policy_tokenizer, rm_tokenizer
+    from align_tokenizers import policy_tokenizer, rm_tokenizer
 
     code = _python_block(ROOT / "docs" / "verl.md", "redistribute_across_tokenizers")
     code = code.replace("rm_scores = ...", "rm_scores = torch.linspace(-1.0, 2.0, len(rm_ids)) ** 2")
