@@ -59,10 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             from red_ppo.trainer import NonFiniteLossError, PPOTrainer
             cfg = load_config(args.config, args.overrides)
-            # the ground truth of the synthetic language as the file's synthetic section sets its terms
-            metrics = cfg.synthetic.task().metrics if cfg.data.source == "synthetic" else None
             try:
-                PPOTrainer(cfg, sample_metrics=metrics).train(resume=args.resume)
+                PPOTrainer(cfg).train(resume=args.resume)
             except NonFiniteLossError as error:
                 print(f"red-ppo: stopped: {error}", file=sys.stderr)
                 return 3

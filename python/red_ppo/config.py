@@ -158,8 +158,7 @@ class TrainerConfig:
 
 @dataclass
 class Config(TrainerConfig):
-    """What a YAML file holds: the trainer's sections, then those of ``red-ppo demo`` and ``red-ppo study``
-    (``red-ppo train`` on synthetic prompts reads ``synthetic`` for the scorer's terms of its metrics)."""
+    """What a YAML file holds: the trainer's sections, then those of ``red-ppo demo`` and ``red-ppo study``."""
 
     synthetic: SyntheticConfig = doc(SyntheticConfig(), "The demo's synthetic language (data.source=synthetic, "
                                                         "tokenizer 'synthetic', red-ppo demo).")

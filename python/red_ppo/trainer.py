@@ -89,7 +89,7 @@ class PPOTrainer:
 
     ``sample_metrics(prompts, responses) -> dict`` adds metrics computed from the sampled token ids
     (the demo's ground truth); with ``data.source: synthetic`` it defaults to the synthetic
-    language's scorer with its default terms.
+    language's scorer with its default terms (`SyntheticTask()`).
 
     ``reward_fn(input_ids, attention_mask, response_start) -> scores`` replaces the reward model as
     the source of scores: given a rollout's ``[B, T]`` token ids (left-padded prompts of width
