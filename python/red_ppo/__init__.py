@@ -4,13 +4,14 @@
 rewards on a synthetic language whose true per-token credit is known.
 """
 
-from red_ppo.config import Config, ConfigError, load_config
+from red_ppo.config import Config, ConfigError, TrainerConfig, load_config
 from red_ppo.gae import compute_gae
 from red_ppo.losses import explained_variance, policy_loss, value_loss
 from red_ppo.rewards import kl_per_token, mixed_rewards, red_rewards, sparse_rewards
 
-__all__ = ["Config", "ConfigError", "PPOTrainer", "compute_gae", "explained_variance", "kl_per_token",
-           "load_config", "mixed_rewards", "policy_loss", "red_rewards", "sparse_rewards", "value_loss"]
+__all__ = ["Config", "ConfigError", "PPOTrainer", "TrainerConfig", "compute_gae", "explained_variance",
+           "kl_per_token", "load_config", "mixed_rewards", "policy_loss", "red_rewards", "sparse_rewards",
+           "value_loss"]
 
 
 def __getattr__(name: str):

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import torch
 
-from red_ppo.config import Config, ConfigError
+from red_ppo.config import ConfigError, TrainerConfig
 
 
-def read_prompt_texts(cfg: Config) -> list[str]:
+def read_prompt_texts(cfg: TrainerConfig) -> list[str]:
     if cfg.data.source == "synthetic":
         from red_ppo.synthetic import SyntheticTask
-        return SyntheticTask(cfg.synthetic.max_words).prompts
+        return SyntheticTask().prompts
     path = Path(cfg.data.prompt_file)
     if path.suffix == ".txt":
         texts = [line.rstrip("\n") for line in path.read_text().splitlines() if line.strip()]

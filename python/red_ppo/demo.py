@@ -25,22 +25,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from red_ppo.config import Config, ConfigError, ModelSource, to_dict, validate
+from red_ppo.config import Config, ConfigError, ModelSource, to_dict, validate_trainer
+from red_ppo.demo_config import ARMS
 from red_ppo.metrics import read_metrics
 from red_ppo.pretrain import pretrain_policy, train_reward_model
 from red_ppo.stats import curve_area, paired_difference, samples_to_level
 from red_ppo.synthetic import SyntheticTask, build_tokenizer, spearman
 from red_ppo.trainer import PPOTrainer
 
-# arm -> (reward.mode, model.critic_init; None: the configured one)
-ARMS = {"sparse": ("sparse", None), "red": ("red", None), "sparse-rm-critic": ("sparse", "reward_model")}
 PAIRS = [("red", "sparse"), ("sparse-rm-critic", "sparse"), ("red", "sparse-rm-critic")]
 LEVELS = (0.5, 0.8)
-
-
-def make_task(cfg: Config) -> SyntheticTask:
-    s = cfg.synthetic
-    return SyntheticTask(s.max_words, s.verbose_after, s.proper_end, s.no_eos)
 
 
 class OracleScores:
@@ -104,7 +98,7 @@ def run_config(cfg: Config, run_dir: Path, condition: str, arm: str, seed: int,
                                 critic_init=critic_init or cfg.model.critic_init)
     data = dataclasses.replace(cfg.data, source="synthetic")
     out = dataclasses.replace(cfg, run=run, model=model, data=data, reward=dataclasses.replace(cfg.reward, mode=mode))
-    validate(out)
+    validate_trainer(out)
     return out
 
 
@@ -117,7 +111,7 @@ def train_one(job: tuple) -> dict:
     from transformers.utils import logging
     logging.set_verbosity_error()
     logging.disable_progress_bar()
-    task = make_task(cfg)
+    task = cfg.synthetic.task()
     reward_fn = OracleScores(task, noise, seed=10_000 + seed) if noise is not None else None
     start = time.perf_counter()
     CreditTrainer(cfg, task, tokenizer=build_tokenizer(), reward_fn=reward_fn).train()
@@ -294,7 +288,7 @@ def plot_summary(summary: dict, out_curves: Path, out_credit: Path) -> None:
 def pretrain(cfg: Config, run_dir: Path, log=print) -> tuple[dict, dict]:
     if cfg.run.num_threads:
         torch.set_num_threads(cfg.run.num_threads)
-    tokenizer, task = build_tokenizer(), make_task(cfg)
+    tokenizer, task = build_tokenizer(), cfg.synthetic.task()
     sft = pretrain_policy(task, tokenizer, cfg.synthetic, run_dir / "sft", log=log)
     rm = train_reward_model(task, tokenizer, run_dir / "sft", cfg.synthetic, run_dir / "reward_model",
                             cfg.generation.max_new_tokens, cfg.reward.baseline, log=log)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from red_kernels import ScoreHead
-from red_ppo.config import Config, ConfigError, ModelSource
+from red_ppo.config import ConfigError, ModelSource, TrainerConfig
 from red_ppo.rollout import position_ids
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -82,7 +82,7 @@ def _check_model_config(source: ModelSource, key: str, vocab: int) -> None:
                           f"got num_labels={labels}")
 
 
-def check_resources(cfg: Config):
+def check_resources(cfg: TrainerConfig):
     """Everything that needs files but no model: returns the policy's tokenizer."""
     m = cfg.model
     if cfg.data.source == "file":
@@ -124,7 +124,7 @@ def _config_kwargs(source: ModelSource, tokenizer, extra: dict) -> dict:
     return kwargs
 
 
-def build_model(source: ModelSource, tokenizer, kind: str, cfg: Config) -> nn.Module:
+def build_model(source: ModelSource, tokenizer, kind: str, cfg: TrainerConfig) -> nn.Module:
     """An AutoModelForCausalLM (``kind="causal_lm"``) or a num_labels=1 sequence classifier."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 

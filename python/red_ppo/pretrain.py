@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from red_kernels.hf import score_prefixes
 from red_ppo.rollout import generate_rollout, left_pad
-from red_ppo.synthetic import VOCAB, SyntheticTask, spearman
+from red_ppo.synthetic import VOCAB, SyntheticConfig, SyntheticTask, spearman
 
 CACHE_VERSION = 2
 
@@ -76,7 +76,7 @@ def _right_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.
     return ids, mask
 
 
-def pretrain_policy(task: SyntheticTask, tokenizer, s, folder: Path, log=print) -> dict:
+def pretrain_policy(task: SyntheticTask, tokenizer, s: SyntheticConfig, folder: Path, log=print) -> dict:
     """Step 1: next-token training on the language's samples (loss on response tokens)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -188,8 +188,8 @@ def _batch_scores(rm, tokenizer, prompts: list[list[int]], responses: list[list[
     return score_prefixes(rm, ids, mask, start, baseline=baseline, backend="auto"), start
 
 
-def train_reward_model(task: SyntheticTask, tokenizer, sft_folder: Path, s, folder: Path, max_new_tokens: int,
-                       baseline: str = "prompt", log=print) -> dict:
+def train_reward_model(task: SyntheticTask, tokenizer, sft_folder: Path, s: SyntheticConfig, folder: Path,
+                       max_new_tokens: int, baseline: str = "prompt", log=print) -> dict:
     """Step 2: Bradley-Terry on noisy preference pairs, gradients through `redistribute`'s rewards."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 

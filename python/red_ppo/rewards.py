@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from red_kernels.reward_mix import check_reward_mix, mix_rewards
+
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
     if dim is None:
@@ -53,14 +55,13 @@ def red_rewards(token_rewards: torch.Tensor, prompt_width: int, response_mask: t
 
 def mixed_rewards(mode: str, scores: torch.Tensor, token_rewards: torch.Tensor | None, prompt_width: int,
                   response_mask: torch.Tensor, beta_c: float = 1.0) -> torch.Tensor:
-    """Reward-model rewards per token: ``sparse``, or ``beta_c * red + (1 - beta_c) * sparse`` for ``red``."""
+    """Reward-model rewards per token: ``sparse``, or ``beta_c * red + (1 - beta_c) * sparse`` for ``red``
+    (`red_kernels.reward_mix`)."""
+    check_reward_mix({"mode": mode, "beta_c": beta_c})
     sparse = sparse_rewards(scores, response_mask)
     if mode == "sparse":
         return sparse
-    if mode != "red":
-        raise ValueError(f"mode: expected 'sparse' or 'red', got {mode!r}")
-    red = red_rewards(token_rewards, prompt_width, response_mask)
-    return beta_c * red + (1.0 - beta_c) * sparse if beta_c != 1.0 else red
+    return mix_rewards(red_rewards(token_rewards, prompt_width, response_mask), sparse, beta_c)
 
 
 def kl_per_token(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:

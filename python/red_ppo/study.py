@@ -63,8 +63,7 @@ def run_study(cfg: Config, quick: bool = False, log=print) -> dict:
     run_dir = Path(cfg.run.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     _, main_rm = pretrain(cfg, run_dir, log)  # the policy, and the configured reward model (critics start from it)
-    tokenizer, task = build_tokenizer(), SyntheticTask(cfg.synthetic.max_words, cfg.synthetic.verbose_after,
-                                                       cfg.synthetic.proper_end, cfg.synthetic.no_eos)
+    tokenizer, task = build_tokenizer(), cfg.synthetic.task()
     held = json.loads((run_dir / "reward_model" / "heldout.json").read_text())
     conditions = [{"name": "oracle", "noise": 0.0, "fidelity": 1.0, "reward_model": None}]
     for sigma in settings["noise_levels"]:

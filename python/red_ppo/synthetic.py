@@ -10,15 +10,19 @@ per-token contributions, so the true credit of every response token is known:
 * ending properly (``<eos>`` right after ``.``) ``proper_end`` (+2) on the ``<eos>``; a response
   that never emits ``<eos>`` ``no_eos`` (-2) on its last token.
 
-The three settings in parentheses are the defaults; the demo chooses its own (`SyntheticConfig`).
+The three settings in parentheses are the defaults; the demo chooses its own (`SyntheticConfig`, the
+configuration's ``synthetic`` section, which also holds the demo's pre-training settings).
 """
 
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
 import numpy as np
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+from red_ppo.typed_yaml import doc, require
 
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 PUNCTUATION = [":", "."]
@@ -150,6 +154,51 @@ class SyntheticTask:
         scores = [self.score(p, r) for p, r in zip(prompts, responses)]
         proper = [len(r) >= 2 and r[-1] == self.eos_id and r[-2] == self.period_id for r in responses]
         return {"gt/score": float(np.mean(scores)), "gt/proper_ending": float(np.mean(proper))}
+
+
+@dataclass
+class SyntheticConfig:
+    seed: int = doc(1234, "Seed of the synthetic language, its pre-training and its reward model.")
+    max_words: int = doc(12, "Longest response (in words) of the language's own samples.")
+    verbose_after: int = doc(10, "The hidden scorer's length penalty: -0.5 for every word after this many.")
+    proper_end: float = doc(2.0, "The hidden scorer's term for ending properly ('. <eos>'), on the <eos>.")
+    no_eos: float = doc(-2.0, "The hidden scorer's term for a response without <eos>, on its last token.")
+    policy_config: dict = doc({"model_type": "llama", "hidden_size": 128, "intermediate_size": 256,
+                               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
+                               "max_position_embeddings": 64, "tie_word_embeddings": True},
+                              "Config kwargs of the tiny policy (and of the reward model, which starts from it).")
+    sft_steps: int = doc(600, "Supervised pre-training steps of the policy.")
+    sft_batch_size: int = doc(64, "Sequences per supervised step.")
+    sft_lr: float = doc(3e-3, "Peak learning rate of supervised pre-training (cosine decay, 5% warmup).")
+    rm_pairs: int = doc(4096, "Preference pairs for the reward model.")
+    rm_prefix_pairs: float = doc(0.0, "Fraction of the pairs that compare two prefixes of one response (labelled "
+                                      "by the truth of the prefixes, unfinished ones without the missing-EOS term).")
+    rm_edit_pairs: float = doc(0.0, "Fraction of the pairs that compare a response with a one-token edit of it "
+                                    "(a word replaced, inserted or deleted); the rest are two independent responses.")
+    rm_epochs: int = doc(2, "Passes over the preference pairs.")
+    rm_batch_size: int = doc(64, "Pairs per reward-model step.")
+    rm_lr: float = doc(1e-3, "Peak learning rate of the reward model (cosine decay, 5% warmup).")
+    label_temperature: float = doc(1.0, "Preference labels are drawn as P(a > b) = sigmoid((gt_a - gt_b) / T): "
+                                        "Bradley-Terry label noise.")
+    heldout_responses: int = doc(512, "Held-out responses for the reward model's accuracy and RED's credit fidelity.")
+
+    def validate(self) -> None:
+        for name in ("max_words", "sft_batch_size", "rm_pairs", "rm_epochs", "rm_batch_size", "heldout_responses"):
+            require(getattr(self, name) >= 1, f"synthetic.{name}", "an integer >= 1", getattr(self, name))
+        require(self.sft_steps >= 0, "synthetic.sft_steps", "an integer >= 0", self.sft_steps)
+        require(self.seed >= 0, "synthetic.seed", "an integer >= 0", self.seed)
+        for name in ("sft_lr", "rm_lr", "label_temperature"):
+            require(getattr(self, name) > 0, f"synthetic.{name}", "a number > 0", getattr(self, name))
+        require(isinstance(self.policy_config.get("model_type"), str), "synthetic.policy_config.model_type",
+                "a transformers model type such as 'llama'", self.policy_config.get("model_type"))
+        for name in ("rm_prefix_pairs", "rm_edit_pairs"):
+            require(0 <= getattr(self, name) <= 1, f"synthetic.{name}", "a fraction in [0, 1]", getattr(self, name))
+        require(self.rm_prefix_pairs + self.rm_edit_pairs <= 1, "synthetic.rm_edit_pairs",
+                f"a fraction of at most 1 - rm_prefix_pairs = {1 - self.rm_prefix_pairs:g}", self.rm_edit_pairs)
+        require(self.verbose_after >= 0, "synthetic.verbose_after", "an integer >= 0", self.verbose_after)
+
+    def task(self) -> SyntheticTask:
+        return SyntheticTask(self.max_words, self.verbose_after, self.proper_end, self.no_eos)
 
 
 def rank(values: np.ndarray) -> np.ndarray:

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from red_kernels import redistribute
 from red_kernels.hf import score_prefixes
 from red_ppo import checkpoint as ckpt
-from red_ppo.config import Config, ConfigError, to_dict
+from red_ppo.config import ConfigError, TrainerConfig, to_dict
 from red_ppo.data import PromptSampler, read_prompt_texts, split_prompts, tokenize_prompts
 from red_ppo.gae import compute_gae
 from red_ppo.losses import explained_variance, policy_loss, token_mean, value_loss
@@ -88,7 +88,8 @@ class PPOTrainer:
     """``PPOTrainer(cfg).train()``.
 
     ``sample_metrics(prompts, responses) -> dict`` adds metrics computed from the sampled token ids
-    (the demo's ground truth).
+    (the demo's ground truth); with ``data.source: synthetic`` it defaults to the synthetic
+    language's scorer with its default terms (`SyntheticTask()`).
 
     ``reward_fn(input_ids, attention_mask, response_start) -> scores`` replaces the reward model as
     the source of scores: given a rollout's ``[B, T]`` token ids (left-padded prompts of width
@@ -101,7 +102,7 @@ class PPOTrainer:
     still built (the critic may start from it) but is not used for scores.
     """
 
-    def __init__(self, cfg: Config, *, tokenizer=None,
+    def __init__(self, cfg: TrainerConfig, *, tokenizer=None,
                  sample_metrics: Callable[[list, list], dict] | None = None,
                  reward_fn: RewardFn | None = None) -> None:
         if reward_fn is not None and not callable(reward_fn):
@@ -120,7 +121,7 @@ class PPOTrainer:
         self.pad_id, self.eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
         if sample_metrics is None and cfg.data.source == "synthetic":
             from red_ppo.synthetic import SyntheticTask
-            sample_metrics = SyntheticTask(cfg.synthetic.max_words).metrics
+            sample_metrics = SyntheticTask().metrics
         self.sample_metrics = sample_metrics
 
         prompts = tokenize_prompts(read_prompt_texts(cfg), tokenizer, cfg.data.max_prompt_length)

@@ -31,6 +31,7 @@ from verl.experimental.reward_loop.reward_loop import RewardLoopWorker
 from verl.experimental.reward_loop.reward_manager.base import RewardManagerBase
 
 from red_kernels.align import policy_token_spans, redistribute_across_tokenizers, reward_model_token_spans
+from red_kernels.reward_mix import check_reward_mix, mix_rewards
 
 __all__ = ["HFTokenScorer", "REDRewardManager", "VLLMTokenScorer", "compute_score", "locate_response",
            "parse_token_classify_response", "red_settings"]
@@ -57,11 +58,8 @@ def red_settings(config) -> dict:
     if unknown:
         raise ValueError(f"reward.reward_kwargs.red: unknown keys {unknown}; expected some of {sorted(DEFAULTS)}")
     settings = {**DEFAULTS, **given}
-    checks = [("mode", settings["mode"] in ("red", "sparse"), "'red' or 'sparse'"),
-              ("baseline", settings["baseline"] in ("prompt", "zero"), "'prompt' or 'zero'"),
-              ("beta_c", isinstance(settings["beta_c"], (int, float)) and not isinstance(settings["beta_c"], bool)
-               and 0.0 <= settings["beta_c"] <= 1.0, "a number in [0, 1]"),
-              ("scorer", settings["scorer"] in ("vllm", "hf"), "'vllm' or 'hf'"),
+    check_reward_mix(settings, prefix="reward.reward_kwargs.red.")
+    checks = [("scorer", settings["scorer"] in ("vllm", "hf"), "'vllm' or 'hf'"),
               ("max_retries", isinstance(settings["max_retries"], int) and settings["max_retries"] >= 1,
                "an int >= 1")]
     for key, ok, expected in checks:
@@ -263,8 +261,7 @@ class REDRewardManager(RewardManagerBase):
         if self.settings["mode"] == "sparse":
             row = sparse
         else:
-            beta_c = float(self.settings["beta_c"])
-            row = aligned.token_rewards if beta_c == 1.0 else beta_c * aligned.token_rewards + (1 - beta_c) * sparse
+            row = mix_rewards(aligned.token_rewards, sparse, float(self.settings["beta_c"]))
         return {"reward_score": row.tolist(),
                 "reward_extra_info": {"rm_score": aligned.score, "rm_baseline_score": aligned.baseline_score}}
 
