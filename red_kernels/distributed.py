@@ -142,7 +142,7 @@ def redistribute_sequence_parallel(
         raise TypeError(f"hidden_shard: expected a tensor [T, H], [1, T, H] or [T, 1, H], got "
                         f"{_describe(hidden_shard)}")
     flat = flatten_packed(hidden_shard)
-    tokens, H = flat.shape
+    tokens = flat.shape[0]
     device = hidden_shard.device
     rank = dist.get_rank(group)
     gathered = _gather_shard_lengths(tokens, group, device) if shard_lengths is None else None

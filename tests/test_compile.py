@@ -54,8 +54,7 @@ def _leaves(inputs: dict) -> dict:
 
 def _forward_backward(fn, inputs: dict, upstream: torch.Tensor):
     """Outputs of ``fn`` and the gradients of every leaf that requires grad, for a loss over all three outputs."""
-    out = fn(inputs["hidden"], inputs["weight"], inputs["bias"], inputs["cu_seqlens"], inputs["seq_lens"],
-             inputs["response_start"], inputs["prev_scores"], inputs["baseline"])
+    out = fn(*_args(inputs))
     loss = (out.token_rewards * upstream).sum() + (out.scores * upstream.flip(0)).sum() + out.rewards.sum()
     wrt = [v for v in inputs.values() if isinstance(v, torch.Tensor) and v.requires_grad]
     return out, torch.autograd.grad(loss, wrt)
@@ -82,21 +81,23 @@ def test_compiled_varlen_equals_uncompiled(case: VarlenCase, backend: str) -> No
         torch.testing.assert_close(a, b, **exact)
 
 
-def _bad_offsets() -> list[tuple[str, dict, str]]:
-    return [
-        ("first-offset", dict(cu_seqlens=torch.tensor([1, 4, 9])), "cu_seqlens: expected the first offset to be 0"),
-        ("decreasing", dict(cu_seqlens=torch.tensor([0, 5, 3])),
-         "cu_seqlens: expected non-decreasing offsets, got cu_seqlens[1] = 5 > cu_seqlens[2] = 3"),
-        ("past-end", dict(cu_seqlens=torch.tensor([0, 4, 11])),
-         "cu_seqlens: the last offset 11 passes the end of hidden's 10 tokens"),
-        ("lens-past-slot", dict(seq_lens=torch.tensor([5, 2])),
-         "seq_lens: expected 0 <= seq_lens[i] <= the slot's length, got seq_lens[0] = 5 for a slot of 4 tokens"),
-        ("lens-negative", dict(seq_lens=torch.tensor([4, -1])),
-         "seq_lens: expected 0 <= seq_lens[i] <= the slot's length, got seq_lens[1] = -1 for a slot of 5 tokens"),
-    ]
+# (id, the changed offsets of _good_packed, the eager call's message)
+BAD_OFFSETS = [
+    ("first-offset", dict(cu_seqlens=torch.tensor([1, 4, 9])), "cu_seqlens: expected the first offset to be 0"),
+    ("decreasing", dict(cu_seqlens=torch.tensor([0, 5, 3])),
+     "cu_seqlens: expected non-decreasing offsets, got cu_seqlens[1] = 5 > cu_seqlens[2] = 3"),
+    ("past-end", dict(cu_seqlens=torch.tensor([0, 4, 11])),
+     "cu_seqlens: the last offset 11 passes the end of hidden's 10 tokens"),
+    ("lens-past-slot", dict(seq_lens=torch.tensor([5, 2])),
+     "seq_lens: expected 0 <= seq_lens[i] <= the slot's length, got seq_lens[0] = 5 for a slot of 4 tokens"),
+    ("lens-negative", dict(seq_lens=torch.tensor([4, -1])),
+     "seq_lens: expected 0 <= seq_lens[i] <= the slot's length, got seq_lens[1] = -1 for a slot of 5 tokens"),
+]
 
 
-BAD_OFFSETS = _bad_offsets()
+def _args(inputs: dict) -> list:
+    return [inputs[name] for name in ("hidden", "weight", "bias", "cu_seqlens", "seq_lens", "response_start",
+                                      "prev_scores", "baseline")]
 
 
 def _good_packed() -> dict:
@@ -111,15 +112,13 @@ def test_compiled_varlen_rejects_bad_offsets_as_the_eager_call_does(backend: str
     torch._dynamo.reset()
     compiled = torch.compile(_op(backend), fullgraph=True)
     good = _good_packed()
-    args = lambda inputs: [inputs[k] for k in ("hidden", "weight", "bias", "cu_seqlens", "seq_lens",  # noqa: E731
-                                               "response_start", "prev_scores", "baseline")]
-    torch.testing.assert_close(compiled(*args(good)).scores, _op(backend)(*args(good)).scores, rtol=0, atol=0)
+    torch.testing.assert_close(compiled(*_args(good)).scores, _op(backend)(*_args(good)).scores, rtol=0, atol=0)
     for name, change, message in BAD_OFFSETS:
         bad = {**good, **change}
         with pytest.raises(ValueError) as eager:
-            _op(backend)(*args(bad))
-        with pytest.raises(ValueError) as graph:
-            compiled(*args(bad))
+            _op(backend)(*_args(bad))
+        with pytest.raises(ValueError) as graph, torch._dynamo.config.patch(error_on_recompile=True):
+            compiled(*_args(bad))
         assert str(graph.value) == str(eager.value), name
         assert message in str(graph.value), f"{name}: {graph.value}"
 
