@@ -235,9 +235,9 @@ def varlen_offsets(cu_seqlens: torch.Tensor, seq_lens: torch.Tensor | None, tota
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Checked int64 copies of ``cu_seqlens`` ``[N+1]`` and of ``seq_lens`` ``[N]`` (None: each slot's length)
     for ``total`` packed tokens: ValueError on the CPU, a device-side assertion elsewhere."""
-    from red_kernels._validate import varlen_offsets as check
+    from red_kernels._validate import offsets_in_graph
 
-    return check(cu_seqlens, seq_lens, total)
+    return offsets_in_graph(cu_seqlens, seq_lens, total)
 
 
 @varlen_offsets.register_fake

@@ -285,7 +285,7 @@ def check_offsets_on_device(cu: torch.Tensor, lens: torch.Tensor, total: int) ->
     return torch.where(ok, cu, 0), torch.where(ok, lens, 0)
 
 
-def varlen_offsets(cu_seqlens: torch.Tensor, seq_lens: torch.Tensor | None, total: int
+def offsets_in_graph(cu_seqlens: torch.Tensor, seq_lens: torch.Tensor | None, total: int
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """The body of the op ``red_kernels::varlen_offsets``: checked int64 copies of the offsets and of the
     lengths (``seq_lens``, or each slot's length when None). On the CPU the host check and its ValueError;

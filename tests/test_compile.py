@@ -167,6 +167,49 @@ def test_device_side_check_asserts_without_host_reads(name: str, change: dict, m
     assert torch.equal(kept_cu, good["cu_seqlens"]) and torch.equal(kept_lens, good["seq_lens"])
 
 
+def _random_offsets(g: torch.Generator):
+    """Small random offsets, lengths (or None) and token count: valid about half the time, each rule broken at
+    times."""
+    N = int(torch.randint(0, 5, (), generator=g))
+    steps = torch.randint(0, 4, (N,), generator=g)
+    lens = (steps.double() * torch.rand(N, generator=g)).round().long()
+    if N and torch.rand((), generator=g) < 0.15:
+        steps[torch.randint(0, N, (), generator=g)] = -1
+    if N and torch.rand((), generator=g) < 0.3:
+        lens[torch.randint(0, N, (), generator=g)] += int(torch.randint(0, 2, (), generator=g)) * 5 - 1
+    first = int(torch.rand((), generator=g) < 0.15)
+    cu = torch.cat([torch.tensor([first]), first + steps.cumsum(0)])
+    total = int(cu[-1]) + int(torch.randint(-1, 3, (), generator=g))
+    return cu, lens if torch.rand((), generator=g) < 0.5 else None, total
+
+
+HOST_RULES = ("cu_seqlens: expected the first offset to be 0", "cu_seqlens: expected non-decreasing offsets",
+              "cu_seqlens: the last offset", "seq_lens: expected 0 <= seq_lens[i] <= the slot's length")
+
+
+@pytest.mark.skipif(TRITON_INTERPRET, reason="input checks: the normal process")
+def test_device_side_check_agrees_with_the_host_check() -> None:
+    """On random small offsets the device-side check fails exactly when the host check does (and every rule of
+    the host check fails somewhere among them)."""
+    g = torch.Generator().manual_seed(5)
+    outcomes = set()
+    for _ in range(400):
+        cu, lens, total = _random_offsets(g)
+        try:
+            _validate.check_offset_values(cu.tolist(), None if lens is None else lens.tolist(), total)
+            outcome = "valid"
+        except ValueError as error:
+            outcome = next(rule for rule in HOST_RULES if str(error).startswith(rule))
+        try:
+            _validate.check_offsets_on_device(cu, cu.diff() if lens is None else lens, total)
+            device_ok = True
+        except RuntimeError:
+            device_ok = False
+        assert device_ok == (outcome == "valid"), (cu.tolist(), lens, total, outcome)
+        outcomes.add(outcome)
+    assert outcomes == {"valid", *HOST_RULES}, outcomes
+
+
 @pytest.mark.skipif(TRITON_INTERPRET, reason="checks of the offsets op; the normal process")
 def test_varlen_offsets_op() -> None:
     """red_kernels::varlen_offsets: checked int64 copies (lengths from the slots when seq_lens is None), the
