@@ -225,6 +225,27 @@ def carried_baseline_gradient(grad_token_rewards, cu_seqlens, seq_lens, start, p
     return torch.where(used, grad, grad.new_zeros(()))
 
 
+# The offsets' values, checked inside a graph: torch.compile and CUDA-graph capture cannot read them on the host
+# while tracing or capturing (red_kernels._validate says where each call checks them). Its outputs are new int64
+# tensors the kernels then read, so the check cannot be dropped from a graph as dead code.
+
+
+@torch.library.custom_op("red_kernels::varlen_offsets", mutates_args=())
+def varlen_offsets(cu_seqlens: torch.Tensor, seq_lens: torch.Tensor | None, total: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Checked int64 copies of ``cu_seqlens`` ``[N+1]`` and of ``seq_lens`` ``[N]`` (None: each slot's length)
+    for ``total`` packed tokens: ValueError on the CPU, a device-side assertion elsewhere."""
+    from red_kernels._validate import offsets_in_graph
+
+    return offsets_in_graph(cu_seqlens, seq_lens, total)
+
+
+@varlen_offsets.register_fake
+def _varlen_offsets_fake(cu_seqlens, seq_lens, total):
+    N = cu_seqlens.shape[0] - 1
+    return cu_seqlens.new_empty((N + 1,), dtype=torch.int64), cu_seqlens.new_empty((N,), dtype=torch.int64)
+
+
 if _C is not None:
     torch.library.register_fake("red_kernels::redistribute_varlen")(_varlen_forward_fake)
     torch.library.register_fake("red_kernels::redistribute_varlen_backward")(_varlen_backward_fake)

@@ -47,8 +47,9 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
-from red_kernels.op import RedistributeOutput, _check_varlen_inputs, _describe, _is_int, _normalise_start, \
-    flatten_packed, redistribute_varlen
+from red_kernels._validate import (_check_varlen_inputs, _describe, _is_int, _normalise_start, check_offset_values,
+                                   flatten_packed, offsets_on_host)
+from red_kernels.op import RedistributeOutput, _redistribute_varlen
 
 
 class _GatherLastScores(torch.autograd.Function):
@@ -74,13 +75,16 @@ class _GatherLastScores(torch.autograd.Function):
         return grad_tail, None
 
 
-def _shard_lengths(tokens: int, shard_lengths, group, device) -> list[int]:
+def _gather_shard_lengths(tokens: int, group, device) -> torch.Tensor:
+    """Every rank's token count, int64 [world], on ``device`` (read on the host with the offsets: one read)."""
+    mine = torch.tensor([tokens], dtype=torch.int64, device=device)
+    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, mine, group=group)
+    return torch.cat(gathered)
+
+
+def _check_shard_lengths(shard_lengths, tokens: int, group) -> list[int]:
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    if shard_lengths is None:
-        mine = torch.tensor([tokens], dtype=torch.int64, device=device)
-        gathered = [torch.empty_like(mine) for _ in range(world)]
-        dist.all_gather(gathered, mine, group=group)
-        return [int(n) for n in torch.cat(gathered).cpu()]
     lengths = list(shard_lengths)
     if len(lengths) != world or not all(_is_int(n) and n >= 0 for n in lengths):
         raise ValueError(f"shard_lengths: expected {world} ints >= 0 (one per rank of the group), got "
@@ -126,6 +130,10 @@ def redistribute_sequence_parallel(
     requires grad, every rank backpropagates through its outputs (backward exchanges the carried score's
     gradient), with the same ``requires_grad`` on ``weight``, ``bias`` and ``hidden_shard`` on every rank.
     Weight and bias gradients are this shard's part: sum them over the group (data parallelism does).
+
+    The global offsets are read on the host once per call, together with the gathered shard lengths (one
+    device-to-host copy for device tensors), and checked there as `redistribute_varlen` checks them; the
+    per-shard offsets derived from them are not read again.
     """
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("redistribute_sequence_parallel: torch.distributed is not initialized; call "
@@ -134,18 +142,23 @@ def redistribute_sequence_parallel(
         raise TypeError(f"hidden_shard: expected a tensor [T, H], [1, T, H] or [T, 1, H], got "
                         f"{_describe(hidden_shard)}")
     flat = flatten_packed(hidden_shard)
-    tokens, H = flat.shape
+    tokens = flat.shape[0]
     device = hidden_shard.device
     rank = dist.get_rank(group)
-    lengths = _shard_lengths(tokens, shard_lengths, group, device)
-    offset, total = sum(lengths[:rank]), sum(lengths)
+    gathered = _gather_shard_lengths(tokens, group, device) if shard_lengths is None else None
+    lengths = None if shard_lengths is None else _check_shard_lengths(shard_lengths, tokens, group)
 
-    # The global offsets are checked as redistribute_varlen checks them, against the global token count
-    # (a stride-0 stand-in for the whole batch: no memory).
-    whole = torch.empty_strided((total, H), (0, 1), dtype=flat.dtype, device=device)
-    _, cu, lens = _check_varlen_inputs(whole, weight, bias, cu_seqlens, response_start, seq_lens, None, baseline,
-                                       backend)
-    N = lens.shape[0]
+    # The global offsets are checked as redistribute_varlen checks them, against the global token count. One host
+    # read per call, for the offsets, the lengths and (when gathered) the shard lengths together.
+    _check_varlen_inputs(flat, weight, bias, cu_seqlens, response_start, seq_lens, None, baseline, backend)
+    values = offsets_on_host(cu_seqlens, seq_lens, *([] if gathered is None else [gathered]))
+    N = cu_seqlens.shape[0] - 1
+    if gathered is not None:
+        lengths = values[len(values) - gathered.shape[0]:]
+    offset, total = sum(lengths[:rank]), sum(lengths)
+    check_offset_values(values[:N + 1], None if seq_lens is None else values[N + 1:2 * N + 1], total)
+    cu = cu_seqlens.to(torch.int64).contiguous()
+    lens = torch.diff(cu) if seq_lens is None else seq_lens.to(torch.int64).contiguous()
     start = _normalise_start(response_start, N, torch.iinfo(torch.int64).max, device)
     start = torch.minimum(start.clamp(min=0), lens)
 
@@ -166,17 +179,18 @@ def redistribute_sequence_parallel(
         # A padding token scores 0 and is not read, so NaN there reaches no gradient (SPEC section 2).
         position = offset + tokens - 1
         real = ((first <= position) & (position < first + lens)).any().to(torch.int64).reshape(1)
-        tail = redistribute_varlen(flat[tokens - 1:], weight, bias, cu_seqlens=torch.tensor([0, 1], device=device),
-                                   seq_lens=real, response_start=0, backend=backend).scores
+        tail = _redistribute_varlen(flat[tokens - 1:], weight, bias, torch.tensor([0, 1], device=device), real, 0,
+                                    None, "prompt", backend).scores
     else:
-        tail = redistribute_varlen(flat, weight, bias, cu_seqlens=torch.zeros(1, dtype=torch.int64, device=device),
-                                   response_start=0, backend=backend).scores
+        tail = _redistribute_varlen(flat, weight, bias, torch.zeros(1, dtype=torch.int64, device=device),
+                                    torch.zeros(0, dtype=torch.int64, device=device), 0, None, "prompt",
+                                    backend).scores
     last_scores = _GatherLastScores.apply(tail, group)
     prev_scores = torch.where(carried, last_scores[owner], torch.full((), float("nan"), device=device))
 
-    out = redistribute_varlen(hidden_shard, weight, bias, cu_seqlens=local_cu, seq_lens=local_lens,
-                              response_start=local_start, prev_scores=prev_scores, baseline=baseline,
-                              backend=backend)
+    # The offsets below are the checked global ones clipped to this shard: valid by construction, not read again.
+    out = _redistribute_varlen(flat, weight, bias, local_cu.contiguous(), local_lens.contiguous(), local_start,
+                               prev_scores, baseline, backend)
     last = first + lens - 1
     here = (lens > 0) & (last >= offset) & (last < offset + tokens)
     rewards = torch.where(here, out.rewards, out.rewards.new_zeros(()))

@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from red_kernels.head import ScoreHead
-from red_kernels.op import RedistributeOutput, _describe, _is_int, check_strided, redistribute
+from red_kernels._validate import _describe, _is_int, check_strided
+from red_kernels.op import RedistributeOutput, redistribute
 
 __all__ = ["TokenRewards", "get_reward", "get_token_rewards", "score_prefixes"]
 

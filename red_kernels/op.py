@@ -1,24 +1,23 @@
 """The public fused op: input checks, normalisation, backend choice.
 
-Every rule of SPEC.md section 2 is checked here, before any kernel runs, so a bad call
-raises without producing (or half-writing) anything.
+Every rule of SPEC.md section 2 is checked before any kernel runs (the checks live in
+`red_kernels._validate`), so a bad call raises without producing (or half-writing) anything.
 """
 
 from __future__ import annotations
 
-import numbers
 import os
-import reprlib
 from typing import NamedTuple
 
 import torch
 
 from red_kernels import _library
+from red_kernels._validate import (BACKENDS, _check_inputs, _check_varlen_inputs, _normalise_head, _normalise_start,
+                                   checked_offsets, flatten_packed)
 from red_kernels.reference import redistribute_reference
 
-BACKENDS = ("eager", "cpu", "triton", "cuda")
-BASELINES = ("prompt", "zero")
-HIDDEN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+__all__ = ["BACKENDS", "RedistributeOutput", "available_backends", "flatten_packed", "redistribute",
+           "redistribute_varlen", "resolve_backend"]
 
 # The spec reads the switch once, when the package is imported.
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -51,133 +50,6 @@ def available_backends(device: str | torch.device = "cpu", *, varlen: bool = Fal
         if has_cuda:
             usable.append("cuda")
     return tuple(usable)
-
-
-# Previews of non-tensor arguments in error messages: a few items, a few levels, one short line.
-_PREVIEW = reprlib.Repr()
-_PREVIEW.maxlevel, _PREVIEW.maxlist, _PREVIEW.maxtuple, _PREVIEW.maxdict = 3, 4, 4, 4
-_PREVIEW.maxstring, _PREVIEW.maxother = 40, 40
-PREVIEW_CHARS = 80
-
-
-def _describe(x) -> str:
-    """The type and a short preview of ``x`` for an error message (never a whole object's repr)."""
-    if isinstance(x, torch.Tensor):
-        layout = "" if x.layout == torch.strided else f", layout {x.layout}"
-        if x.is_nested:  # its shape is ragged
-            return f"a nested tensor of {x.dim()} dimensions, dtype {x.dtype}{layout}, on {x.device}"
-        return f"a tensor of shape {list(x.shape)}, dtype {x.dtype}{layout}, on {x.device}"
-    try:
-        preview = _PREVIEW.repr(x)
-    except Exception:  # a broken __repr__ must not hide the error being reported
-        preview = "<unprintable>"
-    if len(preview) > PREVIEW_CHARS:
-        preview = preview[:PREVIEW_CHARS - 3] + "..."
-    return f"{type(x).__name__} {preview}"
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
-def check_strided(name: str, x) -> None:
-    """TypeError unless ``x`` (when a tensor) is dense and strided: the kernels index raw strides."""
-    if isinstance(x, torch.Tensor) and (x.layout != torch.strided or x.is_nested):
-        if x.is_nested:
-            kind, fix = "a nested tensor", ".to_padded_tensor(0.0)"
-        else:
-            kind, fix = f"layout {x.layout}", ".to_dense()"
-        raise TypeError(f"{name}: expected a dense (strided) tensor, got {kind}: {_describe(x)}; call {fix} first")
-
-
-def _check_inputs(hidden, weight, bias, attention_mask, response_start, baseline, backend) -> None:
-    for name, value in (("hidden", hidden), ("weight", weight), ("bias", bias), ("attention_mask", attention_mask),
-                        ("response_start", response_start)):
-        check_strided(name, value)
-    if not isinstance(hidden, torch.Tensor):
-        raise TypeError(f"hidden: expected a tensor [B, T, H], got {_describe(hidden)}")
-    if hidden.dim() != 3:
-        raise ValueError(f"hidden: expected 3 dimensions [B, T, H], got {_describe(hidden)}")
-    if hidden.dtype not in HIDDEN_DTYPES:
-        raise TypeError(f"hidden: expected dtype float32, bfloat16 or float16, got {_describe(hidden)}")
-    B, T, H = hidden.shape
-    if T < 1 or H < 1:
-        raise ValueError(f"hidden: expected T >= 1 and H >= 1, got {_describe(hidden)}")
-    device = hidden.device
-    _check_head(weight, bias, H)
-
-    if not isinstance(attention_mask, torch.Tensor):
-        raise TypeError(f"attention_mask: expected a bool or integer tensor [{B}, {T}], got {_describe(attention_mask)}")
-    if attention_mask.is_floating_point() or attention_mask.is_complex():
-        raise TypeError(f"attention_mask: expected a bool or integer dtype, got {_describe(attention_mask)}")
-    if tuple(attention_mask.shape) != (B, T):
-        raise ValueError(f"attention_mask: expected shape [{B}, {T}], got {_describe(attention_mask)}")
-
-    if isinstance(response_start, torch.Tensor):
-        if response_start.dtype == torch.bool or response_start.is_floating_point() or response_start.is_complex():
-            raise TypeError(f"response_start: expected an integer tensor [{B}], got {_describe(response_start)}")
-        if tuple(response_start.shape) != (B,):
-            raise ValueError(f"response_start: expected shape [{B}], got {_describe(response_start)}")
-    elif _is_int(response_start):
-        if not 0 <= response_start <= T:
-            raise ValueError(f"response_start: expected an int in [0, {T}], got {response_start}")
-    else:
-        raise TypeError(f"response_start: expected an int or an integer tensor [{B}], got {_describe(response_start)}")
-
-    for name, value in (("weight", weight), ("bias", bias), ("attention_mask", attention_mask),
-                        ("response_start", response_start)):
-        if isinstance(value, torch.Tensor) and value.device != device:
-            raise ValueError(f"{name} is on {value.device}, hidden on {device}: all tensors must be on one device "
-                             f"({name}: {_describe(value)})")
-
-    _check_options(baseline, backend)
-
-
-def _check_head(weight, bias, H: int) -> None:
-    """The score head: ``weight`` ``[H]`` or ``[1, H]``, ``bias`` None, a float or one element (devices: the caller)."""
-    if not isinstance(weight, torch.Tensor):
-        raise TypeError(f"weight: expected a tensor [H] or [1, H] with H={H}, got {_describe(weight)}")
-    if not weight.is_floating_point():
-        raise TypeError(f"weight: expected a floating-point dtype, got {_describe(weight)}")
-    if tuple(weight.shape) not in ((H,), (1, H)):
-        raise ValueError(f"weight: expected shape [{H}] or [1, {H}], got {_describe(weight)}")
-
-    if isinstance(bias, torch.Tensor):
-        if not bias.is_floating_point():
-            raise TypeError(f"bias: expected a floating-point tensor, got {_describe(bias)}")
-        if bias.numel() != 1:
-            raise ValueError(f"bias: expected one element, got {_describe(bias)}")
-    elif bias is not None and not (isinstance(bias, numbers.Real) and not isinstance(bias, bool)):
-        raise TypeError(f"bias: expected None, a Python float or a one-element tensor, got {_describe(bias)}")
-
-
-def _check_options(baseline, backend) -> None:
-    if baseline not in BASELINES:
-        raise ValueError(f"baseline: expected one of {BASELINES}, got {_describe(baseline)}")
-    if backend != "auto" and backend not in BACKENDS:
-        raise ValueError(f"backend: expected 'auto' or one of {BACKENDS}, got {_describe(backend)}")
-
-
-def _normalise_head(weight, bias, H: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The kernels' weight (float32 [H], contiguous) and bias (float32 [1] or None)."""
-    weight32 = weight.reshape(H).to(torch.float32).contiguous()
-    if isinstance(bias, torch.Tensor):
-        return weight32, bias.reshape(1).to(torch.float32)
-    if bias is not None:
-        return weight32, torch.full((1,), float(bias), dtype=torch.float32, device=device)
-    return weight32, None
-
-
-def _normalise_start(response_start, n: int, past_end: int, device) -> torch.Tensor:
-    """The kernels' response starts: int64 [n], contiguous (the kernels clamp them)."""
-    if not isinstance(response_start, torch.Tensor):
-        return torch.full((n,), response_start, dtype=torch.int64, device=device)
-    start = response_start.to(torch.int64).contiguous()
-    if response_start.dtype == torch.uint64:
-        # The cast keeps the bits, so a value >= 2^63 reads negative: it lies past the end, clamp it there
-        # (uint64 has no comparison kernels, and the kernels clamp the rest).
-        start = torch.where(start < 0, past_end, start)
-    return start
 
 
 def resolve_backend(backend: str, device: torch.device, *, varlen: bool = False) -> str:
@@ -242,108 +114,6 @@ def _launch(name, hidden, weight, bias, mask, start, baseline_zero):
 # ---------------------------------------------------------------------------------------------
 # Packed input (SPEC.md section 5)
 
-INDEX_DTYPES = (torch.int32, torch.int64)
-
-
-def flatten_packed(hidden: torch.Tensor) -> torch.Tensor:
-    """``[T, H]``, ``[1, T, H]`` or ``[T, 1, H]`` as a ``[T, H]`` view (no copy); ValueError otherwise."""
-    if hidden.dim() == 2:
-        return hidden
-    if hidden.dim() == 3 and hidden.shape[0] == 1:
-        return hidden[0]
-    if hidden.dim() == 3 and hidden.shape[1] == 1:
-        return hidden[:, 0]
-    raise ValueError(f"hidden: expected packed tokens [T, H], [1, T, H] or [T, 1, H], got {_describe(hidden)}")
-
-
-def _check_index_vector(name: str, x, length: int | None, what: str) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name}: expected an int32 or int64 tensor {what}, got {_describe(x)}")
-    if x.dtype not in INDEX_DTYPES:
-        raise TypeError(f"{name}: expected dtype int32 or int64 {what}, got {_describe(x)}")
-    if x.dim() != 1 or (length is not None and x.shape[0] != length):
-        raise ValueError(f"{name}: expected shape {what}, got {_describe(x)}")
-
-
-def _check_varlen_inputs(hidden, weight, bias, cu_seqlens, response_start, seq_lens, prev_scores, baseline,
-                         backend) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Every rule of section 5; returns the flattened hidden and the offsets and lengths as int64 tensors.
-
-    Offsets and lengths are read on the host (one small copy): a bad offset must fail before a kernel
-    indexes with it, and it cannot be clamped into meaning.
-    """
-    for name, value in (("hidden", hidden), ("weight", weight), ("bias", bias), ("cu_seqlens", cu_seqlens),
-                        ("response_start", response_start), ("seq_lens", seq_lens), ("prev_scores", prev_scores)):
-        check_strided(name, value)
-    if not isinstance(hidden, torch.Tensor):
-        raise TypeError(f"hidden: expected a tensor [T, H], [1, T, H] or [T, 1, H], got {_describe(hidden)}")
-    if hidden.dtype not in HIDDEN_DTYPES:
-        raise TypeError(f"hidden: expected dtype float32, bfloat16 or float16, got {_describe(hidden)}")
-    flat = flatten_packed(hidden)
-    total, H = flat.shape
-    if H < 1:
-        raise ValueError(f"hidden: expected H >= 1, got {_describe(hidden)}")
-    device = hidden.device
-    _check_head(weight, bias, H)
-    _check_options(baseline, backend)
-
-    _check_index_vector("cu_seqlens", cu_seqlens, None, "[N + 1]")
-    if cu_seqlens.shape[0] < 1:
-        raise ValueError(f"cu_seqlens: expected [N + 1] offsets (at least one), got {_describe(cu_seqlens)}")
-    N = cu_seqlens.shape[0] - 1
-    if seq_lens is not None:
-        _check_index_vector("seq_lens", seq_lens, N, f"[{N}] (one per sequence of cu_seqlens)")
-    if isinstance(response_start, torch.Tensor):
-        if response_start.dtype == torch.bool or response_start.is_floating_point() or response_start.is_complex():
-            raise TypeError(f"response_start: expected an integer tensor [{N}], got {_describe(response_start)}")
-        if tuple(response_start.shape) != (N,):
-            raise ValueError(f"response_start: expected shape [{N}] (one per sequence), got "
-                             f"{_describe(response_start)}")
-    elif _is_int(response_start):
-        if response_start < 0:
-            raise ValueError(f"response_start: expected an int >= 0 (relative to each sequence's start), "
-                             f"got {response_start}")
-    else:
-        raise TypeError(f"response_start: expected an int or an integer tensor [{N}], got "
-                        f"{_describe(response_start)}")
-    if prev_scores is not None:
-        if not isinstance(prev_scores, torch.Tensor) or not prev_scores.is_floating_point():
-            raise TypeError(f"prev_scores: expected None or a floating-point tensor [{N}], got "
-                            f"{_describe(prev_scores)}")
-        if tuple(prev_scores.shape) != (N,):
-            raise ValueError(f"prev_scores: expected shape [{N}] (one per sequence), got {_describe(prev_scores)}")
-    for name, value in (("weight", weight), ("bias", bias), ("cu_seqlens", cu_seqlens), ("seq_lens", seq_lens),
-                        ("response_start", response_start), ("prev_scores", prev_scores)):
-        if isinstance(value, torch.Tensor) and value.device != device:
-            raise ValueError(f"{name} is on {value.device}, hidden on {device}: all tensors must be on one device "
-                             f"({name}: {_describe(value)})")
-
-    cu = cu_seqlens.to(torch.int64)
-    # One device-to-host copy for the offsets and the lengths together.
-    host_all = (cu if seq_lens is None else torch.cat([cu, seq_lens.to(torch.int64)])).cpu()
-    host = host_all[:N + 1]
-    steps = torch.diff(host)
-    # One test for the usual case; the details only when something is wrong.
-    if int(host[0]) != 0 or int(host[N]) > total or (N > 0 and int(steps.min()) < 0):
-        if host[0] != 0:
-            raise ValueError(f"cu_seqlens: expected the first offset to be 0, got {int(host[0])}")
-        if (steps < 0).any():
-            i = int((steps < 0).nonzero()[0])
-            raise ValueError(f"cu_seqlens: expected non-decreasing offsets, got cu_seqlens[{i}] = {int(host[i])} > "
-                             f"cu_seqlens[{i + 1}] = {int(host[i + 1])}")
-        raise ValueError(f"cu_seqlens: the last offset {int(host[N])} passes the end of hidden's {total} tokens")
-    if seq_lens is None:
-        lens = torch.diff(cu)
-    else:
-        lens = seq_lens.to(torch.int64)
-        host_lens = host_all[N + 1:]
-        bad = (host_lens < 0) | (host_lens > steps)
-        if bad.any():
-            i = int(bad.nonzero()[0])
-            raise ValueError(f"seq_lens: expected 0 <= seq_lens[i] <= the slot's length, got seq_lens[{i}] = "
-                             f"{int(host_lens[i])} for a slot of {int(steps[i])} tokens")
-    return flat, cu.contiguous(), lens.contiguous()
-
 
 def redistribute_varlen(
     hidden: torch.Tensor,
@@ -372,14 +142,32 @@ def redistribute_varlen(
 
     Returns ``scores`` and ``token_rewards`` ``[T]`` (0 at padding), ``rewards`` and ``last_index`` ``[N]``
     (``last_index`` is the packed position of the sequence's last real token, -1 for an empty sequence).
-    Offsets and lengths are checked on the host (one small device-to-host copy).
+
+    Where the offsets' values are checked (types and shapes are checked first, always):
+
+    * an eager call (not under torch.compile, not captured into a CUDA graph) checks them on the host before
+      any kernel runs and raises ValueError: free for CPU tensors, one small device-to-host copy for device
+      tensors;
+    * under torch.compile (fullgraph, every backend) or CUDA-graph capture, the op ``red_kernels::varlen_offsets``
+      checks them inside the graph, with no sync: offsets on the CPU get the same host check and ValueError when
+      the graph runs; offsets on a device get a device-side assertion (reported at the next synchronisation; on
+      CUDA it ends the process's CUDA context), and the kernels behind it see only empty sequences, so a bad
+      offset never produces output silently nor indexes out of bounds.
     """
-    flat, cu, lens = _check_varlen_inputs(hidden, weight, bias, cu_seqlens, response_start, seq_lens, prev_scores,
-                                          baseline, backend)
-    name = resolve_backend(backend, hidden.device, varlen=True)
+    flat = _check_varlen_inputs(hidden, weight, bias, cu_seqlens, response_start, seq_lens, prev_scores, baseline,
+                                backend)
+    cu, lens = checked_offsets(cu_seqlens, seq_lens, flat.shape[0])
+    return _redistribute_varlen(flat, weight, bias, cu, lens, response_start, prev_scores, baseline, backend)
+
+
+def _redistribute_varlen(flat, weight, bias, cu, lens, response_start, prev_scores, baseline, backend
+                         ) -> RedistributeOutput:
+    """`redistribute_varlen` on checked inputs: ``flat`` ``[T, H]``, ``cu`` and ``lens`` int64, contiguous and
+    valid (`red_kernels.distributed` calls it with offsets it checked itself)."""
+    name = resolve_backend(backend, flat.device, varlen=True)
     total, H = flat.shape
     N = lens.shape[0]
-    device = hidden.device
+    device = flat.device
     if flat.stride(-1) != 1:
         flat = flat.contiguous()
     weight32, bias32 = _normalise_head(weight, bias, H, device)

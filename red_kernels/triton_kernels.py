@@ -237,18 +237,23 @@ def _token_rewards_kernel(
         tl.store(last_index_ptr + b, last_index)
 
 
-def _check_layout(hidden, weight, mask, start, **more) -> None:
-    """What the kernels index as dense memory must be so (the C++ ops check the same, csrc/redistribute.h).
-    ``more``: name=(tensor, dtype, shape) of further inputs."""
-    B, T, H = hidden.shape
-    if H > 1 and hidden.stride(2) != 1:
+def _check_layout(hidden, **inputs) -> None:
+    """What the kernels index as dense memory must be so (the C++ ops check the same, csrc/redistribute.h): hidden
+    (``[B, T, H]`` or packed ``[T, H]``) with unit innermost stride, and each of ``inputs``, given as
+    name=(tensor, dtype, shape), contiguous with that dtype and shape."""
+    if hidden.shape[-1] > 1 and hidden.stride(-1) != 1:
         raise RuntimeError(f"hidden: expected unit innermost stride, got strides {hidden.stride()}")
-    expected = {"weight": (weight, torch.float32, (H,)), "mask": (mask, torch.uint8, (B, T)),
-                "start": (start, torch.int64, (B,)), **more}
-    for name, (tensor, dtype, shape) in expected.items():
+    for name, (tensor, dtype, shape) in inputs.items():
         if tensor.dtype != dtype or tuple(tensor.shape) != shape or not tensor.is_contiguous():
             raise RuntimeError(f"{name}: expected contiguous {dtype} {list(shape)}, got {tensor.dtype} "
                                f"{list(tensor.shape)} with strides {tensor.stride()}")
+
+
+def _padded_layout(hidden, weight, mask, start) -> dict:
+    """`_check_layout`'s inputs of the padded op: weight, mask and start."""
+    B, T, H = hidden.shape
+    return dict(weight=(weight, torch.float32, (H,)), mask=(mask, torch.uint8, (B, T)),
+                start=(start, torch.int64, (B,)))
 
 
 def forward_launches(hidden, weight, bias, mask, start, baseline_zero, outputs, sms: int) -> list[Launch]:
@@ -271,7 +276,7 @@ def forward_launches(hidden, weight, bias, mask, start, baseline_zero, outputs, 
 
 def redistribute_forward(hidden, weight, bias, mask, start, baseline_zero):
     """Scores, rewards, token rewards and last index of normalised inputs (see _library.py)."""
-    _check_layout(hidden, weight, mask, start)
+    _check_layout(hidden, **_padded_layout(hidden, weight, mask, start))
     B, T, H = hidden.shape
     device = hidden.device
     outputs = (torch.empty((B, T), dtype=torch.float32, device=device),
@@ -419,7 +424,8 @@ def redistribute_backward(grad_scores, grad_rewards, grad_token_rewards, hidden,
                           last_index, baseline_zero, output_mask):
     """grad_hidden, grad_weight, grad_bias; an output not asked for is an empty tensor."""
     B, T, H = hidden.shape
-    _check_layout(hidden, weight, mask, start, grad_scores=(grad_scores, torch.float32, (B, T)),
+    _check_layout(hidden, **_padded_layout(hidden, weight, mask, start),
+                  grad_scores=(grad_scores, torch.float32, (B, T)),
                   grad_rewards=(grad_rewards, torch.float32, (B,)),
                   grad_token_rewards=(grad_token_rewards, torch.float32, (B, T)),
                   last_index=(last_index, torch.int64, (B,)))
@@ -449,17 +455,12 @@ def redistribute_backward(grad_scores, grad_rewards, grad_token_rewards, hidden,
 # past cu_seqlens[-1]), with a slot's first seq_lens tokens real.
 
 
-def _check_packed_layout(hidden, weight, cu_seqlens, seq_lens, start, **more) -> None:
-    total, H = hidden.shape
-    if H > 1 and hidden.stride(1) != 1:
-        raise RuntimeError(f"hidden: expected unit innermost stride, got strides {hidden.stride()}")
+def _packed_layout(hidden, weight, cu_seqlens, seq_lens, start) -> dict:
+    """`_check_layout`'s inputs of the packed op: weight, cu_seqlens, seq_lens and start."""
+    H = hidden.shape[1]
     N = seq_lens.shape[0]
-    expected = {"weight": (weight, torch.float32, (H,)), "cu_seqlens": (cu_seqlens, torch.int64, (N + 1,)),
-                "seq_lens": (seq_lens, torch.int64, (N,)), "start": (start, torch.int64, (N,)), **more}
-    for name, (tensor, dtype, shape) in expected.items():
-        if tensor.dtype != dtype or tuple(tensor.shape) != shape or not tensor.is_contiguous():
-            raise RuntimeError(f"{name}: expected contiguous {dtype} {list(shape)}, got {tensor.dtype} "
-                               f"{list(tensor.shape)} with strides {tensor.stride()}")
+    return dict(weight=(weight, torch.float32, (H,)), cu_seqlens=(cu_seqlens, torch.int64, (N + 1,)),
+                seq_lens=(seq_lens, torch.int64, (N,)), start=(start, torch.int64, (N,)))
 
 
 def _packed_constexprs(N: int) -> dict:
@@ -493,7 +494,7 @@ def redistribute_varlen_forward(hidden, weight, bias, cu_seqlens, seq_lens, star
     """Scores, rewards, token rewards and last index of normalised packed inputs (see _library.py)."""
     N = seq_lens.shape[0]
     more = {} if prev_scores is None else {"prev_scores": (prev_scores, torch.float32, (N,))}
-    _check_packed_layout(hidden, weight, cu_seqlens, seq_lens, start, **more)
+    _check_layout(hidden, **_packed_layout(hidden, weight, cu_seqlens, seq_lens, start), **more)
     total = hidden.shape[0]
     device = hidden.device
     outputs = (torch.empty((total,), dtype=torch.float32, device=device),
@@ -551,11 +552,10 @@ def redistribute_varlen_backward(grad_scores, grad_rewards, grad_token_rewards, 
     carried baseline's gradient is taken in _library.py."""
     total, H = hidden.shape
     N = seq_lens.shape[0]
-    _check_packed_layout(hidden, weight, cu_seqlens, seq_lens, start,
-                         grad_scores=(grad_scores, torch.float32, (total,)),
-                         grad_rewards=(grad_rewards, torch.float32, (N,)),
-                         grad_token_rewards=(grad_token_rewards, torch.float32, (total,)),
-                         last_index=(last_index, torch.int64, (N,)))
+    _check_layout(hidden, **_packed_layout(hidden, weight, cu_seqlens, seq_lens, start),
+                  grad_scores=(grad_scores, torch.float32, (total,)), grad_rewards=(grad_rewards, torch.float32, (N,)),
+                  grad_token_rewards=(grad_token_rewards, torch.float32, (total,)),
+                  last_index=(last_index, torch.int64, (N,)))
     need = tuple(bool(flag) for flag in output_mask)
     device = hidden.device
     sms = sm_count(device)
