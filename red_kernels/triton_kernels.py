@@ -307,6 +307,16 @@ def _score_gradient(grad_scores_ptr, grad_token_ptr, i, in_i, position, start, v
 
 
 @triton.jit
+def _to_bfloat16_nearest_even(x):
+    """float32 -> bfloat16 rounded to nearest, ties to even, in integer arithmetic: what a GPU's cvt.rn gives,
+    where the Triton interpreter's cast truncates. NaN stays NaN (quieted), infinities stay infinities."""
+    bits = x.to(tl.uint32, bitcast=True)
+    upper = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
+    upper = tl.where(x != x, (bits >> 16) | 0x40, upper)
+    return upper.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
 def _packed_gradient_kernel(
     grad_scores_ptr, grad_rewards_ptr, grad_token_ptr, cu_ptr, lens_ptr, start_ptr, last_index_ptr, mask_ptr, g_ptr,
     T, N, BASELINE_ZERO: tl.constexpr, SEARCH_STEPS: tl.constexpr, BLOCK: tl.constexpr,
@@ -367,6 +377,8 @@ def _backward_kernel(
                                 has_next, last_index, grad_reward, BASELINE_ZERO)
         if NEED_HIDDEN:  # grad_hidden is contiguous [B, T, H] ([T, H] packed)
             dx = g[:, None] * w[None, :]
+            if grad_hidden_ptr.dtype.element_ty == tl.bfloat16:
+                dx = _to_bfloat16_nearest_even(dx)
             tl.store(grad_hidden_ptr + (row + t[:, None]) * H + h[None, :], dx.to(grad_hidden_ptr.dtype.element_ty),
                      mask=in_t[:, None] & in_h[None, :])
         if NEED_WEIGHT:

@@ -1,4 +1,5 @@
-"""Shared fixtures: NaN-poisoned outputs and the backends under test in this process.
+"""Shared fixtures: NaN-poisoned outputs, the backends under test in this process, the skips of tests marked
+``gpu``, and the tiny models and config the red_ppo tests train.
 
 The suite runs twice (see the Makefile): once normally, for every backend but Triton, and
 once with TRITON_INTERPRET=1 set before anything imports triton, for Triton alone.
