@@ -2,7 +2,7 @@
 
 For each benchmark shape of bench_op_gpu.py (B in {8, 32}, T in {1024, 4096}, H in {2048, 4096,
 8192}, bf16 and fp32) it takes the launch the host function makes, compiles it for sm_90 as the JIT
-specialises it (red_kernels.triton_lowering: no GPU needed), reads registers and shared memory from
+specialises it (benchmarks/triton_lowering.py: no GPU needed), reads registers and shared memory from
 the cubin, and derives:
   programs    blocks launched
   resident    blocks that fit on one SM at once: min over registers (65536 per SM), shared memory
@@ -34,7 +34,7 @@ import math
 
 import torch
 
-from red_kernels.triton_lowering import H100, resident_blocks
+from triton_lowering import H100, resident_blocks
 
 FLOOR_TARGET = 1.25
 
@@ -72,7 +72,7 @@ def _tile_bytes(launch, element_size: int) -> int:
 
 def triton_rows(B: int, T: int, H: int, dtype: torch.dtype, cache: dict) -> list[dict]:
     from red_kernels import triton_kernels as tk
-    from red_kernels.triton_lowering import compile_launch
+    from triton_lowering import compile_launch
 
     sms = H100["sms"]
     hidden = torch.empty(B * T * H, dtype=dtype).view(B, T, H)  # no pages touched: shapes and alignment only
@@ -129,7 +129,7 @@ def cuda_resource_usage() -> dict[str, tuple[int, int]]:
     import os
 
     import red_kernels
-    from red_kernels.triton_lowering import _BIN
+    from triton_lowering import _BIN
 
     tool = os.path.join(_BIN, "cuobjdump")  # the copy that ships with Triton
     if not red_kernels.build_info()["cuda"] or not os.access(tool, os.X_OK):

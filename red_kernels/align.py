@@ -13,6 +13,8 @@ import bisect
 import codecs
 import functools
 import itertools
+import operator
+import reprlib
 from typing import NamedTuple, Sequence
 
 import torch
@@ -38,6 +40,24 @@ def _count_at_or_below(sorted_values: torch.Tensor, queries: torch.Tensor) -> to
 
 def _name(sample) -> str:
     return "" if sample is None else f"sample {sample}: "
+
+
+def _response_start(value, sample) -> int:
+    """``response_start`` as an int: an int, a numpy integer or a 0-d integer tensor / array (not a bool)."""
+    dtype = getattr(value, "dtype", None)
+    is_bool = isinstance(value, bool) or dtype == torch.bool or str(dtype) == "bool"
+    is_scalar = not isinstance(value, torch.Tensor) or value.dim() == 0
+    if not is_bool and is_scalar:
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    if dtype is None:
+        what = f"{type(value).__name__} {reprlib.repr(value)}"
+    else:
+        what = f"{type(value).__name__} of dtype {dtype}, shape {list(getattr(value, 'shape', ()))}"
+    raise TypeError(f"{_name(sample)}response_start: expected an int (a Python or numpy integer, or a 0-d integer "
+                    f"tensor), got {what}")
 
 
 def _spans(x, what: str, sample, limit: int, limit_name: str) -> torch.Tensor:
@@ -76,8 +96,8 @@ def redistribute_across_tokenizers(
     (start, end) characters in ``rm_text`` (a fast tokenizer's ``return_offsets_mapping``; special tokens the
     tokenizer adds have (0, 0)). ``response_text``: the response as the policy's tokens decode;
     ``policy_spans`` ``[n_policy, 2]``: each policy token's characters in ``response_text``
-    (`policy_token_spans`). The response sits in ``rm_text`` at ``response_start`` (default: its last
-    occurrence); where ``rm_text`` does not hold ``response_text`` there (a template that rewrites content),
+    (`policy_token_spans`). The response sits in ``rm_text`` at ``response_start`` (an int, a numpy integer or
+    a 0-d integer tensor; default: its last occurrence); where ``rm_text`` does not hold ``response_text`` there (a template that rewrites content),
     ValueError names ``sample``.
 
     Rules (SPEC.md section 6). An RM token *ends* at its span's end, or where the tokens before it end if
@@ -139,12 +159,13 @@ def redistribute_across_tokenizers(
         if response_start < 0:
             raise ValueError(f"{_name(sample)}the response text is not in the reward model's rendered text "
                              f"(its chat template changed it): response {response_text[:80]!r}")
-    elif (isinstance(response_start, bool) or not isinstance(response_start, int)
-          or not 0 <= response_start <= len(rm_text)
-          or rm_text[response_start: response_start + len(response_text)] != response_text):
-        raise ValueError(f"{_name(sample)}the response text is not in the reward model's rendered text at "
-                         f"response_start={response_start!r} (its chat template changed it): "
-                         f"response {response_text[:80]!r}")
+    else:
+        response_start = _response_start(response_start, sample)
+        if (not 0 <= response_start <= len(rm_text)
+                or rm_text[response_start: response_start + len(response_text)] != response_text):
+            raise ValueError(f"{_name(sample)}the response text is not in the reward model's rendered text at "
+                             f"response_start={response_start!r} (its chat template changed it): "
+                             f"response {response_text[:80]!r}")
 
     prefix = torch.zeros(scores.numel() + 1, dtype=torch.float32)  # prefix[k] = S(RM token k - 1), prefix[0] = 0
     prefix[1:] = scores.to(torch.float32)
@@ -256,7 +277,10 @@ def _agreeing(prefix: str, text: str) -> int:
 
 def _removed(text: str, ends: torch.Tensor, remove: list[str]):
     """``text`` with each string of ``remove`` deleted (as str.replace, one after the other) and character
-    positions ``ends`` moved with it; a position inside a deleted occurrence moves to where it started."""
+    positions ``ends`` moved with it; a position inside a deleted occurrence moves to where it started.
+    Also returns whether any position fell strictly inside an occurrence: there a prefix ``text[:end]`` keeps
+    a piece of the string that the whole text loses, so its deletions are not the whole text's."""
+    split = False
     for r in remove:
         starts, at = [], text.find(r)
         while at >= 0:
@@ -267,10 +291,11 @@ def _removed(text: str, ends: torch.Tensor, remove: list[str]):
         occ = torch.tensor(starts, dtype=torch.int64)
         before = _count_at_or_below(occ, ends)  # occurrences starting at or before each end
         inside = (before > 0) & (ends < occ[(before - 1).clamp(min=0)] + len(r))
+        split = split or bool((inside & (ends > occ[(before - 1).clamp(min=0)])).any())
         shift = before * len(r)
         ends = torch.where(inside, occ[(before - 1).clamp(min=0)] - (before - 1) * len(r), ends - shift)
         text = text.replace(r, "")
-    return text, ends
+    return text, ends, split
 
 
 def policy_token_spans(tokenizer, token_ids: Sequence[int], *, remove: Sequence[str] = ()):
@@ -283,8 +308,9 @@ def policy_token_spans(tokenizer, token_ids: Sequence[int], *, remove: Sequence[
     therefore describe the tokens the policy produced, not a re-tokenization of the text, and a token that
     stops inside a multi-byte character ends before that character. Works with any tokenizer that has
     ``decode`` and ``batch_decode``. For a fast tokenizer with a byte-level decoder (GPT-2, Llama 3, Qwen) the
-    ends come from one pass over the tokens' bytes, checked to reproduce ``tokenizer.decode`` exactly; any other
-    tokenizer decodes every prefix (O(n^2) characters: tens of ms at 512 tokens). Returns ``(text, spans: [n, 2] int64 tensor)``.
+    ends come from one pass over the tokens' bytes, checked to reproduce ``tokenizer.decode`` exactly, unless a
+    token ends inside a string of ``remove`` (e.g. "</s>" written as several tokens); any other case decodes
+    every prefix (O(n^2) characters: tens of ms at 512 tokens). Returns ``(text, spans: [n, 2] int64 tensor)``.
     """
     ids = [int(t) for t in token_ids]
     remove = [r for r in remove if r]
@@ -293,10 +319,8 @@ def policy_token_spans(tokenizer, token_ids: Sequence[int], *, remove: Sequence[
     if not ids:
         return _removed(decoded, spans[:, 1], remove)[0], spans
     raw_ends = _byte_level_ends(tokenizer, ids, decoded)
-    if raw_ends is not None:
-        text, ends_t = _removed(decoded, raw_ends, remove)
-    else:
-        text, ends_t = _removed(decoded, torch.zeros(0, dtype=torch.int64), remove)
+    text, ends_t, split = _removed(decoded, spans[:, 1] if raw_ends is None else raw_ends, remove)
+    if raw_ends is None or split:  # no shortcut, or a token ends inside a deleted string: decode the prefixes
         ends_t = torch.tensor(_decoded_prefix_ends(tokenizer, ids, text, remove), dtype=torch.int64)
     ends_t = torch.cummax(ends_t, dim=0).values
     ends_t[-1] = len(text)

@@ -45,9 +45,10 @@ _BACKWARD_PROGRAMS_PER_SM = 3
 # Registers per thread the 16-bit four-warp backward may take (Triton's maxnreg): 65536 / (168 * 128) keeps
 # _BACKWARD_PROGRAMS_PER_SM programs on an SM. Triton 3.6 (what torch 2.11 installs) gives that variant 157-177
 # registers at sm_90 (2 programs at B=8 T=1024 H=4096) and 193 at sm_80; capped, 160-161, no spills; Triton
-# 3.8 gives it 128-135 by itself and 122-124 capped. Only there: a cap on every variant let 3.8 grow the
-# float32 backward from 113 to 135 registers (4 -> 3 programs), and 136 made 3.6 spill 8 bytes in the
-# unaligned bf16 one (tests/test_gpu_lowering.py runs under both versions).
+# 3.8 gives it 128-135 by itself and 122-124 capped. The bf16 store's rounding to nearest even
+# (_to_bfloat16_nearest_even) adds 5-7 capped: 165 at sm_90 and sm_80 under 3.6, 128-131 under 3.8. Only there:
+# a cap on every variant let 3.8 grow the float32 backward from 113 to 135 registers (4 -> 3 programs), and 136
+# made 3.6 spill 8 bytes in the unaligned bf16 one (tests/test_gpu_lowering.py runs under both versions).
 _BACKWARD_MAX_REGISTERS_16BIT = 168
 _NUM_STAGES = 3  # cp.async pipeline depth of the H loop (forward) and the row loop (backward)
 _MAX_SCAN_BLOCK = 1024  # positions per step of the [T] scan in _token_rewards_kernel
@@ -312,6 +313,16 @@ def _score_gradient(grad_scores_ptr, grad_token_ptr, i, in_i, position, start, v
 
 
 @triton.jit
+def _to_bfloat16_nearest_even(x):
+    """float32 -> bfloat16 rounded to nearest, ties to even, in integer arithmetic: what a GPU's cvt.rn gives,
+    where the Triton interpreter's cast truncates. NaN stays NaN (quieted), infinities stay infinities."""
+    bits = x.to(tl.uint32, bitcast=True)
+    upper = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
+    upper = tl.where(x != x, (bits >> 16) | 0x40, upper)
+    return upper.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
 def _packed_gradient_kernel(
     grad_scores_ptr, grad_rewards_ptr, grad_token_ptr, cu_ptr, lens_ptr, start_ptr, last_index_ptr, mask_ptr, g_ptr,
     T, N, BASELINE_ZERO: tl.constexpr, SEARCH_STEPS: tl.constexpr, BLOCK: tl.constexpr,
@@ -372,6 +383,8 @@ def _backward_kernel(
                                 has_next, last_index, grad_reward, BASELINE_ZERO)
         if NEED_HIDDEN:  # grad_hidden is contiguous [B, T, H] ([T, H] packed)
             dx = g[:, None] * w[None, :]
+            if grad_hidden_ptr.dtype.element_ty == tl.bfloat16:
+                dx = _to_bfloat16_nearest_even(dx)
             tl.store(grad_hidden_ptr + (row + t[:, None]) * H + h[None, :], dx.to(grad_hidden_ptr.dtype.element_ty),
                      mask=in_t[:, None] & in_h[None, :])
         if NEED_WEIGHT:

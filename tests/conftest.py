@@ -1,4 +1,5 @@
-"""Shared fixtures: NaN-poisoned outputs and the backends under test in this process.
+"""Shared fixtures: NaN-poisoned outputs, the backends under test in this process, the skips of tests marked
+``gpu``, and the tiny models and config the red_ppo tests train.
 
 The suite runs twice (see the Makefile): once normally, for every backend but Triton, and
 once with TRITON_INTERPRET=1 set before anything imports triton, for Triton alone.
@@ -14,6 +15,42 @@ import torch
 import red_kernels
 
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# The red_ppo tests' models: a one-layer Llama small enough to train a few steps on CPU in seconds.
+TINY_MODEL = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+              "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 64}
+TINY_POLICY = dict(TINY_MODEL, tie_word_embeddings=True)  # as `synthetic.policy_config` for the demo and study
+
+
+def tiny_config(*layers: dict, **sections: dict) -> dict:
+    """A red_ppo config on the synthetic task with TINY_MODEL as policy and reward model, 8 rollouts in
+    minibatches of 4; then each of ``layers`` and ``sections`` merged in, section by section, later ones winning."""
+    data = {"model": {"tokenizer": "synthetic", "policy": {"config": dict(TINY_MODEL)},
+                      "reward_model": {"config": dict(TINY_MODEL)}},
+            "data": {"source": "synthetic"}, "rollout": {"batch_size": 8}, "ppo": {"minibatch_size": 4}}
+    for layer in (*layers, sections):
+        for section, values in layer.items():
+            data.setdefault(section, {}).update(values)
+    return data
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """A test marked ``gpu`` skips, before its fixtures are set up, where no CUDA GPU is visible, under the Triton
+    interpreter, or where the backend it runs is not available on CUDA: its ``backend`` parameter, or else the
+    marker's ``backend=`` (``@pytest.mark.gpu(backend="cuda")``)."""
+    marker = item.get_closest_marker("gpu")
+    if marker is None:
+        return
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU visible")
+    if TRITON_INTERPRET:
+        pytest.skip("GPU tests run in the normal process")
+    callspec = getattr(item, "callspec", None)
+    backend = callspec.params["backend"] if callspec is not None and "backend" in callspec.params else None
+    backend = backend or marker.kwargs.get("backend")
+    if backend is not None and backend not in red_kernels.available_backends("cuda"):
+        pytest.skip(f"backend {backend!r} is not available here: {red_kernels.available_backends('cuda')}")
 
 
 def cpu_backends(varlen: bool = False) -> list[str]:

@@ -4,7 +4,9 @@ two trained tokenizers, and equality with `redistribute` when the tokenizer is o
 from __future__ import annotations
 
 import random
+import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -279,6 +281,26 @@ def test_bad_input_names_the_sample(kwargs, message):
                                        args.pop("response_text"), args.pop("policy_spans"), sample="s-7", **args)
 
 
+@pytest.mark.parametrize("start", [np.int64(2), np.int32(2), np.uint8(2), np.array(2), torch.tensor(2),
+                                   torch.tensor(2, dtype=torch.int32)],
+                         ids=["np.int64", "np.int32", "np.uint8", "np.array-0d", "tensor-0d", "tensor-0d-int32"])
+def test_response_start_takes_integer_likes(start):
+    want = redistribute_across_tokenizers(S, RM_SPANS, TEXT, RESPONSE, [(0, 2), (2, 4)], response_start=2)
+    got = redistribute_across_tokenizers(S, RM_SPANS, TEXT, RESPONSE, [(0, 2), (2, 4)], response_start=start)
+    assert torch.equal(got.token_rewards, want.token_rewards) and got.baseline_score == want.baseline_score
+
+
+@pytest.mark.parametrize("start, given", [
+    (True, "bool True"), (2.0, "float 2.0"), (np.float64(2), "float64 of dtype float64"),
+    (np.bool_(True), "of dtype bool"), (torch.tensor(2.0), "dtype torch.float32"),
+    (torch.tensor(True), "dtype torch.bool"), (torch.tensor([2]), "shape [1]"), ("2", "str '2'"),
+], ids=["bool", "float", "np.float64", "np.bool", "tensor-float", "tensor-bool", "tensor-1d", "str"])
+def test_response_start_that_is_not_an_integer_is_a_type_error(start, given):
+    with pytest.raises(TypeError, match=r"sample 4: response_start: expected an int .*got .*" + re.escape(given)):
+        redistribute_across_tokenizers(S, RM_SPANS, TEXT, RESPONSE, [(0, 2), (2, 4)], response_start=start,
+                                       sample=4)
+
+
 # --- the one-pass byte-level spans are the definition's --------------------------------------------------------
 @pytest.mark.parametrize("seed", range(12))
 def test_byte_level_shortcut_equals_decoding_every_prefix(seed):
@@ -295,7 +317,7 @@ def test_byte_level_shortcut_equals_decoding_every_prefix(seed):
     decoded = tok.decode(ids)
     fast = _byte_level_ends(tok, ids, decoded)
     assert fast is not None
-    got_text, got = _removed(decoded, fast, remove)
+    got_text, got, _ = _removed(decoded, fast, remove)
     text_slow = _removed(decoded, torch.zeros(0, dtype=torch.int64), remove)[0]
     assert got_text == text_slow
     assert got.tolist() == _decoded_prefix_ends(tok, ids, text_slow, remove)
@@ -320,8 +342,40 @@ def test_undecodable_bytes_follow_the_definition():
 def test_removed_moves_positions_out_of_deleted_text():
     from red_kernels.align import _removed
 
-    text, ends = _removed("ab<e>cd<e>", torch.tensor([0, 2, 3, 5, 6, 7, 10]), ["<e>"])
-    assert text == "abcd" and ends.tolist() == [0, 2, 2, 2, 3, 4, 4]
+    text, ends, split = _removed("ab<e>cd<e>", torch.tensor([0, 2, 3, 5, 6, 7, 10]), ["<e>"])
+    assert text == "abcd" and ends.tolist() == [0, 2, 2, 2, 3, 4, 4] and split  # 3: inside the first "<e>"
+    assert not _removed("ab<e>cd<e>", torch.tensor([0, 2, 5, 6, 7, 10]), ["<e>"])[2]  # at an edge, or outside
+
+
+def test_a_removed_string_split_across_tokens_ends_tokens_by_the_definition():
+    """"</s>" written as five byte-level tokens and deleted: "x<" (the first two tokens) agrees with "x<b>y" for
+    two characters, so the "<" token ends at 2, not where the deleted string started (1)."""
+    tok = policy_tokenizer()
+    ids = tok("x</s><b>y", add_special_tokens=False)["input_ids"]
+    assert [tok.decode([i]) for i in ids] == ["x", "<", "/", "s", ">", "<", "b", ">", "y"]
+    text, spans = policy_token_spans(tok, ids, remove=["</s>"])
+    assert text == "x<b>y"
+    assert spans.tolist() == [[0, 1], [1, 2], [2, 2], [2, 2], [2, 2], [2, 2], [2, 3], [3, 4], [4, 5]]
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_spans_follow_the_definition_when_removed_strings_split_across_tokens(seed):
+    """Random corpus text with "</s>" and "<e>" written inside it (several tokens each), both removed: the spans
+    are the definition's (a prefix that stops inside a deleted string may agree with the text after it)."""
+    from red_kernels.align import _decoded_prefix_ends
+
+    tok = policy_tokenizer()
+    rng = random.Random(2000 + seed)
+    words = rng.choice(CORPUS).split(" ")
+    pieces = ["</s>", "<e>", "</s><b>", "</s></b>", "<e><b>", "<</s>e>"]  # some followed by text that starts alike
+    for _ in range(3):
+        words.insert(rng.randrange(len(words) + 1), rng.choice(pieces))
+    ids = tok(" ".join(words), add_special_tokens=False)["input_ids"]
+    remove = ["</s>", "<e>"]
+    text, spans = policy_token_spans(tok, ids, remove=remove)
+    want = torch.cummax(torch.tensor(_decoded_prefix_ends(tok, ids, text, remove)), dim=0).values
+    assert spans[:-1, 1].tolist() == want[:-1].tolist()
+    assert spans[-1, 1] == len(text) and spans[1:, 0].tolist() == spans[:-1, 1].tolist()
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -336,5 +390,5 @@ def test_byte_level_shortcut_on_random_token_soup(seed):
     decoded = tok.decode(ids)
     fast = _byte_level_ends(tok, ids, decoded)
     assert fast is not None
-    text, got = _removed(decoded, fast, remove)
+    text, got, _ = _removed(decoded, fast, remove)
     assert got.tolist()[:-1] == _decoded_prefix_ends(tok, ids, text, remove)[:-1]

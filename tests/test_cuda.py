@@ -6,7 +6,9 @@ architecture. They need a CUDA build; RED_KERNELS_EXPECT_CUDA=1 (set in CI) turn
 from a skip into a failure.
 
 GPU tests are marked `gpu` and skip cleanly when no GPU is visible; they run in the normal
-pytest process only (under TRITON_INTERPRET=1 Triton would not compile for the GPU).
+pytest process only (under TRITON_INTERPRET=1 Triton would not compile for the GPU). The skips live in
+tests/conftest.py, which also skips a test whose backend (its `backend` parameter, or the marker's
+`backend=`) is not available on CUDA.
 """
 
 from __future__ import annotations
@@ -33,11 +35,6 @@ GPU_BACKENDS = ["cuda", "triton"]
 CASES = forward_cases()
 OPS = ("red_kernels::redistribute", "red_kernels::redistribute_backward", "red_kernels::redistribute_varlen",
        "red_kernels::redistribute_varlen_backward")
-
-def _require_backend(backend: str) -> None:
-    if backend not in red_kernels.available_backends("cuda"):
-        pytest.skip(f"backend {backend!r} is not available here: {red_kernels.available_backends('cuda')}")
-
 
 def _require_cuda_build() -> None:
     if TRITON_INTERPRET:
@@ -190,19 +187,10 @@ def to_cpu(out) -> RedistributeOutput:
 @pytest.mark.usefixtures("poison_empty")
 @pytest.mark.gpu
 def test_matches_float64_spec(case: Case, backend: str) -> None:
-    _skip_without_gpu()
-    _require_backend(backend)
     inputs = make_inputs(case)
     out = red_kernels.redistribute(**inputs_to_cuda(inputs), backend=backend)
     assert all(t.is_cuda for t in out)
     assert_matches(to_cpu(out), inputs)
-
-
-def _skip_without_gpu() -> None:
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA GPU visible")
-    if TRITON_INTERPRET:
-        pytest.skip("GPU tests run in the normal process")
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
@@ -212,8 +200,6 @@ def _skip_without_gpu() -> None:
 @pytest.mark.usefixtures("poison_empty")
 @pytest.mark.gpu
 def test_vector_tail_and_unaligned_paths(backend: str, layout: str, dtype: str, H: int) -> None:
-    _skip_without_gpu()
-    _require_backend(backend)
     inputs = layout_inputs(layout, dtype, H, seed=H)
     gpu_inputs = inputs_to_cuda(inputs)
     if layout == "offset":  # keep the GPU copy 2 bytes off 16-byte alignment too
@@ -232,8 +218,6 @@ def test_vector_tail_and_unaligned_paths(backend: str, layout: str, dtype: str, 
 def test_block_boundaries(backend: str, T: int) -> None:
     """T around the CUDA kernel's 15 positions per block, every padding: the halo row, and the one
     block per row that writes last_index and rewards."""
-    _skip_without_gpu()
-    _require_backend(backend)
     for seed, padding in enumerate(["right", "left", "both", "holey", "empty-row"]):
         for baseline in ("prompt", "zero"):
             inputs = make_inputs(Case(5, T, 24, dtype="bf16", padding=padding, start="tensor", baseline=baseline,
@@ -246,8 +230,6 @@ def test_block_boundaries(backend: str, T: int) -> None:
 @pytest.mark.gpu
 def test_offsets_beyond_int32(backend: str) -> None:
     """B*T*H > 2^31 elements in one tensor; checked row by row against float32 matmuls."""
-    _skip_without_gpu()
-    _require_backend(backend)
     B, T, H = 2, 65537, 16400  # 2.15e9 elements, 4.3 GB in bfloat16
     assert B * T * H > 2**31
     free, _ = torch.cuda.mem_get_info()
@@ -285,8 +267,6 @@ def _gradient_check(case: Case, backend: str, inputs: dict | None = None) -> Non
 @pytest.mark.usefixtures("poison_empty")
 @pytest.mark.gpu
 def test_gradients_match_autograd_through_eager(case: Case, backend: str) -> None:
-    _skip_without_gpu()
-    _require_backend(backend)
     _gradient_check(case, backend)
 
 
@@ -297,19 +277,15 @@ def test_gradients_match_autograd_through_eager(case: Case, backend: str) -> Non
 @pytest.mark.gpu
 def test_gradients_vector_tail_and_unaligned(backend: str, layout: str, dtype: str) -> None:
     """H = 2051 spans a second column tile of the backward kernel, with a partial last pack."""
-    _skip_without_gpu()
-    _require_backend(backend)
     inputs = layout_inputs(layout, dtype, 2051, seed=5)
     _gradient_check(Case(3, 37, 2051, dtype=dtype, seed=5), backend, inputs)
 
 
 @pytest.mark.parametrize("rows", [31, 32, 33, 257, 9000])
 @pytest.mark.usefixtures("poison_empty")
-@pytest.mark.gpu
+@pytest.mark.gpu(backend="cuda")
 def test_gradients_across_chunks(rows: int) -> None:
     """B*T around the backward kernel's row chunks (16 rows at least, 4 blocks per SM aimed at)."""
-    _skip_without_gpu()
-    _require_backend("cuda")
     _gradient_check(Case(1, rows, 40, dtype="bf16", padding="holey", start="tensor", bias="tensor", seed=rows),
                     "cuda")
 
@@ -317,11 +293,9 @@ def test_gradients_across_chunks(rows: int) -> None:
 @pytest.mark.parametrize("output_mask", [[True, False, False], [False, True, False], [False, False, True],
                                          [True, False, True], [False, True, True]])
 @pytest.mark.usefixtures("poison_empty")
-@pytest.mark.gpu
+@pytest.mark.gpu(backend="cuda")
 def test_backward_op_skips_unrequested(output_mask: list[bool]) -> None:
     """What is not requested comes back empty; what is requested is bitwise what a full call gives."""
-    _skip_without_gpu()
-    _require_backend("cuda")
     inputs = inputs_to_cuda(make_inputs(Case(4, 50, 300, dtype="bf16", padding="both", seed=41)))
     B, T, H = inputs["hidden"].shape
     mask = (inputs["attention_mask"] != 0).to(torch.uint8)
@@ -342,15 +316,11 @@ def test_backward_op_skips_unrequested(output_mask: list[bool]) -> None:
 @pytest.mark.usefixtures("poison_empty")
 @pytest.mark.gpu
 def test_padding_content_never_matters(backend: str) -> None:
-    _skip_without_gpu()
-    _require_backend(backend)
     assert_padding_never_read(backend, "cuda", Case(3, 40, 64, padding="both", start="tensor", seed=9))
 
 
-@pytest.mark.gpu
+@pytest.mark.gpu(backend="cuda")
 def test_grad_weight_is_deterministic() -> None:
-    _skip_without_gpu()
-    _require_backend("cuda")
     inputs = inputs_to_cuda(make_inputs(Case(4, 2000, 1000, dtype="bf16", padding="holey", seed=10)))
     upstream = torch.randn(4, 2000, device="cuda")
     results = []
@@ -372,8 +342,6 @@ def test_grad_weight_is_deterministic() -> None:
 @pytest.mark.gpu
 def test_cuda_graph_capture_and_replay(backend: str) -> None:
     """Forward and backward captured in one CUDA graph; replays on new inputs equal eager calls."""
-    _skip_without_gpu()
-    _require_backend(backend)
     forward, backward = op_pair(backend)
     B, T, H = 4, 100, 256
     static = {
@@ -420,8 +388,6 @@ def test_cuda_graph_capture_and_replay(backend: str) -> None:
 def test_runs_on_the_current_stream(backend: str) -> None:
     """Inputs written on a side stream behind a long sleep: a kernel launched on any other stream
     than the current one would read them before they are written."""
-    _skip_without_gpu()
-    _require_backend(backend)
     B, T, H = 8, 512, 1024
     new = torch.randn(B, T, H, device="cuda", dtype=torch.bfloat16)
     weight = torch.randn(H, device="cuda") / H**0.5
@@ -444,8 +410,6 @@ def test_runs_on_the_current_stream(backend: str) -> None:
 @pytest.mark.gpu
 def test_second_device(backend: str) -> None:
     """Tensors on cuda:1 while cuda:0 is current: the kernel runs on the tensors' device."""
-    _skip_without_gpu()
-    _require_backend(backend)
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two GPUs")
     inputs = make_inputs(Case(3, 30, 48, dtype="bf16", padding="both", seed=51))
@@ -470,10 +434,8 @@ VARLEN_CASES = test_varlen.CASES + test_varlen.EDGE_CASES
 
 @pytest.mark.parametrize("case", VARLEN_CASES, ids=[c.id for c in VARLEN_CASES])
 @pytest.mark.usefixtures("poison_empty")
-@pytest.mark.gpu
+@pytest.mark.gpu(backend="cuda")
 def test_varlen_matches_float64_spec(case) -> None:
-    _skip_without_gpu()
-    _require_backend("cuda")
     inputs = make_varlen_inputs(case)
     on_gpu = varlen_inputs_to_cuda(inputs)
     out = redistribute_varlen_op(on_gpu["hidden"], on_gpu["weight"], on_gpu["bias"], on_gpu, "cuda")
@@ -483,18 +445,14 @@ def test_varlen_matches_float64_spec(case) -> None:
 
 @pytest.mark.parametrize("case", test_varlen.GRADIENT_CASES, ids=[c.id for c in test_varlen.GRADIENT_CASES])
 @pytest.mark.usefixtures("poison_empty")
-@pytest.mark.gpu
+@pytest.mark.gpu(backend="cuda")
 def test_varlen_gradients_match_autograd_through_float64_reference(case) -> None:
-    _skip_without_gpu()
-    _require_backend("cuda")
     assert_varlen_gradients_match(case, "cuda", device="cuda")
 
 
 @pytest.mark.parametrize("dtype", ["f32", "bf16", "f16"])
 @pytest.mark.parametrize("packing", ["slots", "tight"])
 @pytest.mark.usefixtures("poison_empty")
-@pytest.mark.gpu
+@pytest.mark.gpu(backend="cuda")
 def test_varlen_equals_padded_op_on_the_same_sequences(dtype: str, packing: str) -> None:
-    _skip_without_gpu()
-    _require_backend("cuda")
     test_varlen.check_varlen_equals_padded_op("cuda", dtype, packing, device="cuda")

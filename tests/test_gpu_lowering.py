@@ -3,7 +3,7 @@
 Each variant is the launch the host function makes (`triton_kernels.forward_launches` /
 `backward_launches` on tensors of that shape, H100's 132 SMs), bound by the JIT's own binder, so
 the compile sees the JIT's specialisation: 16-byte alignment and divisibility hints, ints equal to 1
-as constants. The assertions are on the cubin and its SASS (red_kernels.triton_lowering): registers
+as constants. The assertions are on the cubin and its SASS (benchmarks/triton_lowering.py): registers
 under a cap, no spills, 16-byte cp.async (LDGSTS.E.BYPASS.128) in the main loop where the rows are
 aligned, no shuffles (cross-lane reductions) and at most two barriers per iteration of that loop.
 The packed (redistribute_varlen) variants are the same kernels with PACKED set, checked the same way.
@@ -15,6 +15,8 @@ and the lent GPU machine has; `make test-lowering-compat`, which first checks th
 from __future__ import annotations
 
 import functools
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,7 +27,9 @@ pytestmark = pytest.mark.skipif(TRITON_INTERPRET, reason="compiles @triton.jit k
 triton = pytest.importorskip("triton")
 
 from red_kernels import triton_kernels as tk  # noqa: E402
-from red_kernels.triton_lowering import compile_launch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from triton_lowering import compile_launch  # noqa: E402
 
 H100_SMS = 132
 # Stated caps: 168 registers keeps >= 3 four-warp programs per SM (65536 / (168 * 128)).

@@ -8,23 +8,13 @@ import pytest
 import yaml
 
 import red_ppo.models
+from conftest import TINY_MODEL, tiny_config
 from red_ppo.config import Config, ConfigError, default_config_path, describe, load_config, parse_override
 
-TINY_MODEL = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-              "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 64}
-
-
-def base(**sections) -> dict:
-    data = {"model": {"tokenizer": "synthetic", "policy": {"config": dict(TINY_MODEL)},
-                      "reward_model": {"config": dict(TINY_MODEL)}},
-            "data": {"source": "synthetic"}, "rollout": {"batch_size": 8}, "ppo": {"minibatch_size": 4}}
-    for section, values in sections.items():
-        data.setdefault(section, {}).update(values)
-    return data
 
 
 def test_a_valid_config_loads_and_every_field_is_documented():
-    cfg = load_config(base=base())
+    cfg = load_config(base=tiny_config())
     assert isinstance(cfg, Config) and cfg.reward.mode == "red" and cfg.ppo.lam == 0.95
     text = describe(cfg)
     assert text.count("# ") >= 80 and "# \n" not in text  # every field carries its help
@@ -34,13 +24,13 @@ def test_a_valid_config_loads_and_every_field_is_documented():
 
 
 def test_overrides_are_yaml_typed():
-    cfg = load_config(base=base(), overrides=["ppo.epochs=2", "reward.clip=null", "optim.betas=[0.8, 0.9]",
+    cfg = load_config(base=tiny_config(), overrides=["ppo.epochs=2", "reward.clip=null", "optim.betas=[0.8, 0.9]",
                                               "reward.mode=sparse", "run.deterministic=false"])
     assert cfg.ppo.epochs == 2 and cfg.reward.clip is None and cfg.optim.betas == (0.8, 0.9)
     assert cfg.reward.mode == "sparse" and cfg.run.deterministic is False
     assert parse_override("model.policy.path=a=b") == (["model", "policy", "path"], "a=b")
     # PyYAML (YAML 1.1) reads 1e-5 as a string; a float field takes it as the number it means.
-    cfg = load_config(base=base(), overrides=["optim.policy_lr=1e-5", "reward.clip=2E+1", "run.device=cuda:1"])
+    cfg = load_config(base=tiny_config(), overrides=["optim.policy_lr=1e-5", "reward.clip=2E+1", "run.device=cuda:1"])
     assert cfg.optim.policy_lr == 1e-5 and cfg.reward.clip == 20.0 and cfg.run.device == "cuda:1"
 
 
@@ -110,12 +100,12 @@ IMPOSSIBLE = [
                                                              for i, (o, _) in enumerate(IMPOSSIBLE)])
 def test_impossible_values(override, message):
     with pytest.raises(ConfigError) as error:
-        load_config(base=base(), overrides=[override])
+        load_config(base=tiny_config(), overrides=[override])
     assert message in str(error.value)
 
 
 def test_policy_from_config_needs_a_tokenizer():
-    data = base()
+    data = tiny_config()
     data["model"]["tokenizer"] = None
     data["data"] = {"source": "file", "prompt_file": "p.txt"}
     with pytest.raises(ConfigError, match=r"model.tokenizer: expected a tokenizer .* got null"):
@@ -144,7 +134,7 @@ WRONG_TYPES = [
 @pytest.mark.parametrize("override,message", WRONG_TYPES, ids=[o.split("=")[0] for o, _ in WRONG_TYPES])
 def test_wrong_types(override, message):
     with pytest.raises(ConfigError) as error:
-        load_config(base=base(), overrides=[override])
+        load_config(base=tiny_config(), overrides=[override])
     assert message in str(error.value)
 
 
@@ -155,21 +145,21 @@ def test_wrong_types(override, message):
 ])
 def test_unknown_keys(override, message):
     with pytest.raises(ConfigError) as error:
-        load_config(base=base(), overrides=[override])
+        load_config(base=tiny_config(), overrides=[override])
     assert message in str(error.value)
 
 
 def test_bad_overrides_and_yaml(tmp_path):
     with pytest.raises(ConfigError, match="--set: expected key=value, got 'ppo.epochs'"):
-        load_config(base=base(), overrides=["ppo.epochs"])
+        load_config(base=tiny_config(), overrides=["ppo.epochs"])
     with pytest.raises(ConfigError, match="--set: expected a dotted key such as ppo.epochs, got 'ppo.'"):
-        load_config(base=base(), overrides=["ppo.=3"])
+        load_config(base=tiny_config(), overrides=["ppo.=3"])
     with pytest.raises(ConfigError, match="--set ppo.minibatch_size.x: ppo.minibatch_size is not a section"):
-        load_config(base=base(), overrides=["ppo.minibatch_size.x=3"])
+        load_config(base=tiny_config(), overrides=["ppo.minibatch_size.x=3"])
     with pytest.raises(ConfigError, match=r"ppo.epochs: expected an integer, got dict \{'x': 3\}"):
-        load_config(base=base(), overrides=["ppo.epochs.x=3"])
+        load_config(base=tiny_config(), overrides=["ppo.epochs.x=3"])
     with pytest.raises(ConfigError, match=r"--set ppo.epochs: the value '\[1' is not valid YAML"):
-        load_config(base=base(), overrides=["ppo.epochs=[1"])
+        load_config(base=tiny_config(), overrides=["ppo.epochs=[1"])
     with pytest.raises(ConfigError,
                        match=r"--config: expected an existing YAML file, got '.*missing.yaml' \(not found\)"):
         load_config(tmp_path / "missing.yaml")
@@ -214,23 +204,23 @@ def saved_model_dir(path, tokenizer, vocab_size=None, **extra):
 def test_missing_files(tmp_path, no_model_loading):
     with pytest.raises(ConfigError,
                        match=r"data.prompt_file: expected an existing file, got '.*none.txt' \(not found\)"):
-        trainer(base(data={"source": "file", "prompt_file": str(tmp_path / "none.txt")}))
+        trainer(tiny_config(data={"source": "file", "prompt_file": str(tmp_path / "none.txt")}))
     with pytest.raises(ConfigError, match=r"model.policy.path: expected an existing local directory or a hub id, "
                                           r"got '\./no/such/policy' \(not found\)"):
-        trainer(base(model={"policy": {"path": "./no/such/policy"}}))
+        trainer(tiny_config(model={"policy": {"path": "./no/such/policy"}}))
     with pytest.raises(ConfigError, match=r"model.reward_model.path: expected an existing local directory or a hub "
                                           r"id, got '/no/such/rm' \(not found\)"):
-        trainer(base(model={"reward_model": {"path": "/no/such/rm"}}))
+        trainer(tiny_config(model={"reward_model": {"path": "/no/such/rm"}}))
     with pytest.raises(ConfigError, match=r"model.reward_model.tokenizer: expected an existing local directory or a "
                                           r"hub id, got '\./missing-tokenizer'"):
-        trainer(base(model={"reward_model": {"config": TINY_MODEL, "tokenizer": "./missing-tokenizer"}}))
+        trainer(tiny_config(model={"reward_model": {"config": TINY_MODEL, "tokenizer": "./missing-tokenizer"}}))
 
 
 def test_bad_prompt_files(tmp_path, no_model_loading):
     def with_file(name, text):
         path = tmp_path / name
         path.write_text(text)
-        return base(data={"source": "file", "prompt_file": str(path)})
+        return tiny_config(data={"source": "file", "prompt_file": str(path)})
     # The tokenizer and models check out; the prompts are read before any model is built.
     with pytest.raises(ConfigError, match="data.prompt_file: line 2 of .*p.jsonl is not JSON"):
         trainer(with_file("p.jsonl", '{"prompt": "sea :"}\nnot json\n'))
@@ -248,7 +238,7 @@ def test_reward_model_with_another_tokenizer_is_rejected(tmp_path, no_model_load
     other.add_tokens(["zebra"])
     rm_dir = saved_model_dir(tmp_path / "rm", other)
     with pytest.raises(ConfigError) as error:
-        trainer(base(model={"reward_model": {"path": rm_dir}}))
+        trainer(tiny_config(model={"reward_model": {"path": rm_dir}}))
     message = str(error.value)
     assert "model.reward_model.tokenizer: expected the policy's tokenizer (68 tokens, from 'synthetic')" in message
     assert "69 tokens instead of 68" in message
@@ -263,14 +253,14 @@ def test_reward_model_with_another_tokenizer_is_rejected(tmp_path, no_model_load
                                       eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
     rm_dir = saved_model_dir(tmp_path / "rm2", swapped)
     with pytest.raises(ConfigError, match=r"token 'boat' has id \d+ instead of \d+"):
-        trainer(base(model={"reward_model": {"path": rm_dir}}))
+        trainer(tiny_config(model={"reward_model": {"path": rm_dir}}))
 
 
 def test_model_vocab_smaller_than_the_tokenizer(tmp_path, no_model_loading):
     small = dict(TINY_MODEL, vocab_size=10)
     with pytest.raises(ConfigError, match="model.reward_model: expected a vocab_size of at least 68 "
                                           r"\(the tokenizer's\), got 10"):
-        trainer(base(model={"reward_model": {"config": small}}))
+        trainer(tiny_config(model={"reward_model": {"config": small}}))
 
 
 def test_reward_model_with_two_labels(tmp_path, no_model_loading):
@@ -278,16 +268,16 @@ def test_reward_model_with_two_labels(tmp_path, no_model_loading):
     rm_dir = saved_model_dir(tmp_path / "rm", build_tokenizer(), architectures=["LlamaForSequenceClassification"])
     with pytest.raises(ConfigError, match="model.reward_model: expected a sequence-classification reward model "
                                           "with num_labels=1 .*, got num_labels=2"):
-        trainer(base(model={"reward_model": {"path": rm_dir}}))
+        trainer(tiny_config(model={"reward_model": {"path": rm_dir}}))
     with pytest.raises(ConfigError, match="got num_labels=3"):
-        trainer(base(model={"reward_model": {"config": dict(TINY_MODEL, num_labels=3)}}))
+        trainer(tiny_config(model={"reward_model": {"config": dict(TINY_MODEL, num_labels=3)}}))
 
 
 def test_device_without_gpu(monkeypatch):
     import torch
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match="run.device: expected a usable device, got 'cuda' but no CUDA GPU"):
-        trainer(base(run={"device": "cuda"}))
+        trainer(tiny_config(run={"device": "cuda"}))
 
 
 def test_demo_config_round_trips(tmp_path):
@@ -301,4 +291,4 @@ def test_demo_config_round_trips(tmp_path):
 def test_pair_fractions_must_not_exceed_one():
     with pytest.raises(ConfigError, match=r"synthetic.rm_edit_pairs: expected a fraction of at most 1 - "
                                           r"rm_prefix_pairs = 0.4, got 0.8"):
-        load_config(base=base(), overrides=["synthetic.rm_prefix_pairs=0.6", "synthetic.rm_edit_pairs=0.8"])
+        load_config(base=tiny_config(), overrides=["synthetic.rm_prefix_pairs=0.6", "synthetic.rm_edit_pairs=0.8"])

@@ -6,6 +6,7 @@ import random
 
 import pytest
 
+from conftest import TINY_POLICY
 from red_ppo.config import default_config_path, load_config
 from red_ppo.synthetic import NO_EOS, PROPER_END, SyntheticTask, build_tokenizer, rank, spearman
 
@@ -59,11 +60,6 @@ def test_rank_correlation():
     assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
     assert math.isnan(spearman([1, 1, 1], [1, 2, 3]))
-
-
-TINY_POLICY = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-               "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 64,
-               "tie_word_embeddings": True}
 
 
 def test_oracle_scores_are_the_true_prefix_credit():

@@ -6,28 +6,23 @@ and the public ``reward_fn`` hook."""
 import pytest
 import torch
 
+from conftest import tiny_config
 from red_ppo.config import load_config
 from red_ppo.rollout import build_rollout, left_pad, position_ids, reward_model_mask
 
 pytest.importorskip("transformers")
 
-TINY_MODEL = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-              "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 64}
+# One step, nothing saved or evaluated; one epoch of one minibatch of 32.
+ONE_STEP = {
+    "run": {"total_steps": 1, "save_every": 0, "eval_every": 0, "eval_prompts": 4, "num_threads": 1, "progress": False},
+    "generation": {"max_new_tokens": 8},
+    "rollout": {"batch_size": 32, "forward_batch_size": 32},
+    "ppo": {"epochs": 1, "minibatch_size": 32, "grad_accum_steps": 1},
+}
 
 
 def tiny(tmp_path, **sections) -> dict:
-    data = {
-        "run": {"output_dir": str(tmp_path / "run"), "total_steps": 1, "save_every": 0, "eval_every": 0,
-                "eval_prompts": 4, "num_threads": 1, "progress": False},
-        "model": {"tokenizer": "synthetic", "policy": {"config": TINY_MODEL}, "reward_model": {"config": TINY_MODEL}},
-        "data": {"source": "synthetic"},
-        "generation": {"max_new_tokens": 8},
-        "rollout": {"batch_size": 32, "forward_batch_size": 32},
-        "ppo": {"epochs": 1, "minibatch_size": 32, "grad_accum_steps": 1},
-    }
-    for section, values in sections.items():
-        data.setdefault(section, {}).update(values)
-    return data
+    return tiny_config(ONE_STEP, {"run": {"output_dir": str(tmp_path / "run")}}, sections)
 
 
 def synthetic_tokenizer(pad_is_eos: bool):

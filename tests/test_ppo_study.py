@@ -5,15 +5,11 @@ import math
 
 import pytest
 
+from conftest import TINY_POLICY
 from red_ppo.config import ConfigError, default_config_path, load_config
 from red_ppo.synthetic import SyntheticTask, build_tokenizer
 
 pytest.importorskip("transformers")
-
-TINY_POLICY = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-               "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 64,
-               "tie_word_embeddings": True}
-
 
 def test_oracle_fidelity_falls_with_noise():
     import random

@@ -8,6 +8,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import TINY_MODEL, tiny_config
 from red_ppo import checkpoint as ckpt
 from red_ppo.cli import main
 from red_ppo.config import ConfigError, load_config
@@ -15,24 +16,18 @@ from red_ppo.metrics import read_metrics
 
 pytest.importorskip("transformers")
 
-TINY_MODEL = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-              "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 64}
+# Three steps with a save and an eval at step 2; two epochs of two accumulated minibatches of 4.
+THREE_STEPS = {
+    "run": {"total_steps": 3, "save_every": 2, "eval_every": 2, "eval_prompts": 8, "num_threads": 1, "progress": False},
+    "generation": {"max_new_tokens": 6},
+    "rollout": {"forward_batch_size": 8},
+    "ppo": {"epochs": 2, "grad_accum_steps": 2},
+    "optim": {"policy_lr": 1e-3, "critic_lr": 1e-3, "warmup_steps": 2, "schedule": "linear"},
+}
 
 
 def tiny(tmp_path, name="run", **sections) -> dict:
-    data = {
-        "run": {"output_dir": str(tmp_path / name), "total_steps": 3, "save_every": 2, "eval_every": 2,
-                "eval_prompts": 8, "num_threads": 1, "progress": False},
-        "model": {"tokenizer": "synthetic", "policy": {"config": TINY_MODEL}, "reward_model": {"config": TINY_MODEL}},
-        "data": {"source": "synthetic"},
-        "generation": {"max_new_tokens": 6},
-        "rollout": {"batch_size": 8, "forward_batch_size": 8},
-        "ppo": {"epochs": 2, "minibatch_size": 4, "grad_accum_steps": 2},
-        "optim": {"policy_lr": 1e-3, "critic_lr": 1e-3, "warmup_steps": 2, "schedule": "linear"},
-    }
-    for section, values in sections.items():
-        data.setdefault(section, {}).update(values)
-    return data
+    return tiny_config(THREE_STEPS, {"run": {"output_dir": str(tmp_path / name)}}, sections)
 
 
 def trainer_for(data):

@@ -4,7 +4,8 @@
 alignment and divisibility hints on pointers and ints, ints equal to 1 as constants), lowers it for
 the target with Triton's bundled ptxas, and reads registers, spills and shared memory with the
 bundled cuobjdump and the main loop's instructions from the SASS. Used by
-tests/test_gpu_lowering.py and benchmarks/gpu_model.py; needs no GPU and no CUDA toolkit.
+tests/test_gpu_lowering.py and benchmarks/gpu_model.py (a test and a benchmark tool, so it lives here,
+outside the installed package); needs no GPU and no CUDA toolkit.
 """
 
 from __future__ import annotations
