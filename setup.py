@@ -1,6 +1,6 @@
 """Builds red_kernels._C: the op schema and CPU kernel always, the CUDA kernel when possible.
 
-Switches (SPEC.md section 4):
+Switches (docs/spec.md section 4):
   RED_KERNELS_SKIP_CUDA=1    never build the CUDA sources
   RED_KERNELS_FORCE_CUDA=1   a missing CUDA toolkit (or a CPU-only torch) is an error
   TORCH_CUDA_ARCH_LIST       architectures; with no visible GPU the default is "8.0;9.0+PTX"

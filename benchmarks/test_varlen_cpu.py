@@ -1,4 +1,4 @@
-"""redistribute_varlen on CPU (SPEC.md section 5): packed against padded at the same real tokens, one
+"""redistribute_varlen on CPU (docs/spec.md section 5): packed against padded at the same real tokens, one
 pytest-benchmark group per kind, dtype and shape. B sequences of random lengths in [1, T] (mean about T/2), H:
 
   varlen   red_kernels.redistribute_varlen(..., backend="cpu") on the nnz real tokens packed tight ([nnz, H])

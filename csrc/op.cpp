@@ -17,7 +17,7 @@ TORCH_LIBRARY(red_kernels, m) {
       "redistribute_backward(Tensor grad_scores, Tensor grad_rewards, Tensor grad_token_rewards, Tensor hidden,"
       " Tensor weight, Tensor mask, Tensor start, Tensor last_index, bool baseline_zero, bool[3] output_mask)"
       " -> (Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
-  // Packed sequences (SPEC.md section 5): hidden [T, H], cu_seqlens int64 [N+1], seq_lens and start int64 [N],
+  // Packed sequences (docs/spec.md section 5): hidden [T, H], cu_seqlens int64 [N+1], seq_lens and start int64 [N],
   // prev_scores float32 [N] (NaN: no carried baseline).
   m.def(
       "redistribute_varlen(Tensor hidden, Tensor weight, Tensor? bias, Tensor cu_seqlens, Tensor seq_lens,"

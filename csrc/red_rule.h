@@ -1,4 +1,4 @@
-// The rule that decides each token's reward and each score's gradient (SPEC.md section 2).
+// The rule that decides each token's reward and each score's gradient (docs/spec.md section 2).
 // Both the C++ CPU kernel and the CUDA kernel call these functions, so the code the CPU tests
 // exercise is the code the GPU runs. The Triton kernel restates them in triton.language.
 #pragma once
@@ -50,7 +50,7 @@ RED_HOST_DEVICE float score_gradient(float grad_score, float grad_reward, float 
   return g;
 }
 
-// Packed sequences (SPEC.md section 5): slot i holds packed tokens [cu[i], cu[i+1]), of which the first
+// Packed sequences (docs/spec.md section 5): slot i holds packed tokens [cu[i], cu[i+1]), of which the first
 // seq_lens[i] are real; a token at position t of its slot follows the rules above with the slot's start.
 // The slot holding packed token j: the i with cu[i] <= j < cu[i+1] (empty slots hold nothing), found as the
 // number of slot ends cu[1..N] that are <= j; N when j lies past the last slot (padding).

@@ -1,4 +1,4 @@
-// The CPU kernels of red_kernels::redistribute (padded, SPEC.md section 2) and
+// The CPU kernels of red_kernels::redistribute (padded, docs/spec.md section 2) and
 // red_kernels::redistribute_varlen (packed, section 5), and their backwards.
 //
 // Both ops run the same two loops over a flat range of positions; a row layout (PaddedRows: position
@@ -356,7 +356,7 @@ struct Position {
   bool valid, valid_prev, valid_next;  // whether t, t-1 and t+1 are real tokens of the sequence
 };
 
-// Padded (SPEC section 2): position i = b*T + t of B rows of T positions; the mask says which are real.
+// Padded (docs/spec.md section 2): position i = b*T + t of B rows of T positions; the mask says which are real.
 struct PaddedRows {
   const char* base;
   int64_t stride_b, stride_t;  // bytes
@@ -388,7 +388,7 @@ struct PaddedRows {
   Walk walk(int64_t begin) const { return {*this, begin / T, begin % T}; }
 };
 
-// Packed (SPEC section 5): token j of T_local; slot i holds [cu[i], cu[i+1]), its first seq_lens[i] real.
+// Packed (docs/spec.md section 5): token j of T_local; slot i holds [cu[i], cu[i+1]), its first seq_lens[i] real.
 struct PackedSlots {
   const char* base;
   int64_t stride;         // bytes between tokens

@@ -21,7 +21,7 @@ __all__ += ["CrossTokenizerRewards", "redistribute_across_tokenizers"]
 
 
 def build_info() -> dict:
-    """What this installation was built with (SPEC.md section 2)."""
+    """What this installation was built with (docs/spec.md section 2)."""
     flags = _library._C.build_flags() if _library._C is not None else {"cuda": False, "cuda_arch_list": []}
     return {
         "version": __version__,

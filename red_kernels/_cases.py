@@ -314,7 +314,7 @@ def op_pair(backend: str):
 
 
 # ---------------------------------------------------------------------------------------------
-# Packed sequences (SPEC.md section 5)
+# Packed sequences (docs/spec.md section 5)
 
 VARLEN_LAYOUTS = ["TH", "1TH", "T1H"]  # [T, H]; [1, T, H] (flash-attn / verl); [T, 1, H] (Megatron, sequence-first)
 

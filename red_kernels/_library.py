@@ -170,7 +170,7 @@ if TRITON_VERSION is not None:
 
 
 # ---------------------------------------------------------------------------------------
-# Packed sequences (SPEC.md section 5): the same layers for redistribute_varlen. Inputs reach the kernels
+# Packed sequences (docs/spec.md section 5): the same layers for redistribute_varlen. Inputs reach the kernels
 # normalised by `red_kernels.op.redistribute_varlen`: hidden [T, H] with unit innermost stride, weight and
 # bias as above, cu_seqlens int64 [N+1] and seq_lens int64 [N] contiguous and validated (0 first,
 # non-decreasing, within hidden; 0 <= seq_lens <= slot), start int64 [N] (clamped by the kernels to

@@ -1,6 +1,6 @@
 """Input checks, error messages and the normalisation of checked inputs, for every public entry point.
 
-Every rule of SPEC.md section 2 (and section 5 for packed input) is checked here, before any kernel runs, so
+Every rule of docs/spec.md section 2 (and section 5 for packed input) is checked here, before any kernel runs, so
 a bad call raises without producing (or half-writing) anything. `red_kernels.op`, `red_kernels.hf` and
 `red_kernels.distributed` import their checks from this module.
 
@@ -162,7 +162,7 @@ def _normalise_start(response_start, n: int, past_end: int, device) -> torch.Ten
 
 
 # ---------------------------------------------------------------------------------------------
-# Packed input (SPEC.md section 5)
+# Packed input (docs/spec.md section 5)
 
 
 def flatten_packed(hidden: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,7 @@
 A served or remote reward model reads text that its own tokenizer and chat template made from the policy's
 response, so its tokens are not the policy's. Both tokenizations cover the same characters of the response;
 `redistribute_across_tokenizers` moves the reward model's prefix-score differences onto the policy's tokens
-through character spans (SPEC.md section 6). The helpers below give the spans: `reward_model_token_spans`
+through character spans (docs/spec.md section 6). The helpers below give the spans: `reward_model_token_spans`
 from a fast tokenizer's offsets, `policy_token_spans` by decoding the policy's own token ids.
 """
 
@@ -100,7 +100,7 @@ def redistribute_across_tokenizers(
     a 0-d integer tensor; default: its last occurrence); where ``rm_text`` does not hold ``response_text`` there (a template that rewrites content),
     ValueError names ``sample``.
 
-    Rules (SPEC.md section 6). An RM token *ends* at its span's end, or where the tokens before it end if
+    Rules (docs/spec.md section 6). An RM token *ends* at its span's end, or where the tokens before it end if
     that is later (a zero-width special token ends where its predecessor does). The *boundary* of a
     character position e is the last RM token that ends at or before e, and S(boundary) its prefix score
     (0 when no RM token ends there). Policy token i ending at character e_i of the response gets

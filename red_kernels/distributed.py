@@ -176,7 +176,7 @@ def redistribute_sequence_parallel(
     owner = max((q for q in range(rank) if lengths[q] > 0), default=0)
     if tokens:
         # The last token's score, scored as the shard scores it (one token: its own score does not depend on it).
-        # A padding token scores 0 and is not read, so NaN there reaches no gradient (SPEC section 2).
+        # A padding token scores 0 and is not read, so NaN there reaches no gradient (docs/spec.md section 2).
         position = offset + tokens - 1
         real = ((first <= position) & (position < first + lens)).any().to(torch.int64).reshape(1)
         tail = _redistribute_varlen(flat[tokens - 1:], weight, bias, torch.tensor([0, 1], device=device), real, 0,

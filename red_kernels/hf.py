@@ -3,7 +3,7 @@
 A decoder-only ``AutoModelForSequenceClassification`` reward model attends causally, so
 its score head applied at position t is the model's score of the prefix up to t. One
 backbone forward therefore gives every prefix score, and `red_kernels.redistribute`
-turns them into the sequence reward and the dense RED token rewards (SPEC.md section 1).
+turns them into the sequence reward and the dense RED token rewards (docs/spec.md section 1).
 
 * `score_prefixes`: the op's output for a reward model and a padded batch.
 * `get_reward`: a drop-in for the ``get_reward(model, query_responses, pad_token_id,
@@ -192,7 +192,7 @@ def score_prefixes(
     ``input_ids`` is ``[B, T]``; ``attention_mask`` ``[B, T]`` (nonzero = real token, None =
     all real); ``response_start`` the index of each row's first response token (an int or a
     ``[B]`` tensor). ``scores[b, t]`` equals what the model gives the prefix of row b ending
-    at t scored on its own; the other outputs are as in SPEC.md section 2.
+    at t scored on its own; the other outputs are as in docs/spec.md section 2.
 
     Raises ValueError for a model that is not a causal decoder or whose head is not
     ``nn.Linear(H, 1)``: for those the score at t is not the score of the prefix up to t.

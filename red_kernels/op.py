@@ -1,6 +1,6 @@
 """The public fused op: input checks, normalisation, backend choice.
 
-Every rule of SPEC.md section 2 is checked before any kernel runs (the checks live in
+Every rule of docs/spec.md section 2 is checked before any kernel runs (the checks live in
 `red_kernels._validate`), so a bad call raises without producing (or half-writing) anything.
 """
 
@@ -53,7 +53,7 @@ def available_backends(device: str | torch.device = "cpu", *, varlen: bool = Fal
 
 
 def resolve_backend(backend: str, device: torch.device, *, varlen: bool = False) -> str:
-    """The backend that runs for ``backend`` on ``device`` (SPEC: auto picks the fused kernel); ``varlen``: for
+    """The backend that runs for ``backend`` on ``device`` (docs/spec.md: auto picks the fused kernel); ``varlen``: for
     `redistribute_varlen`."""
     usable = available_backends(device, varlen=varlen)
     if backend == "auto":
@@ -78,7 +78,7 @@ def redistribute(
 
     Reads the reward model's final hidden states ``[B, T, H]`` once and returns the score
     head at every position, the last-token reward, the token rewards
-    ``s_t - s_{t-1}`` and the last real index (SPEC.md section 2). Differentiable in
+    ``s_t - s_{t-1}`` and the last real index (docs/spec.md section 2). Differentiable in
     ``hidden``, ``weight`` and ``bias`` on every backend.
     """
     _check_inputs(hidden, weight, bias, attention_mask, response_start, baseline, backend)
@@ -112,7 +112,7 @@ def _launch(name, hidden, weight, bias, mask, start, baseline_zero):
 
 
 # ---------------------------------------------------------------------------------------------
-# Packed input (SPEC.md section 5)
+# Packed input (docs/spec.md section 5)
 
 
 def redistribute_varlen(
@@ -127,7 +127,7 @@ def redistribute_varlen(
     baseline: str = "prompt",
     backend: str = "auto",
 ) -> RedistributeOutput:
-    """`redistribute` on packed sequences (SPEC.md section 5): flash-attn / verl / Megatron layouts.
+    """`redistribute` on packed sequences (docs/spec.md section 5): flash-attn / verl / Megatron layouts.
 
     ``hidden`` is ``[T, H]``, ``[1, T, H]`` or ``[T, 1, H]`` (flattened to ``[T, H]`` without a copy).
     Sequence ``i`` occupies slot ``[cu_seqlens[i], cu_seqlens[i+1])``, int32 or int64 ``[N+1]`` starting at 0;

@@ -29,7 +29,7 @@ def redistribute_reference(
     baseline_zero: bool,
     compute_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Scores, rewards, token rewards and last index exactly as SPEC.md section 2 defines them.
+    """Scores, rewards, token rewards and last index exactly as docs/spec.md section 2 defines them.
 
     ``weight`` is ``[H]``, ``bias`` a one-element tensor or None, ``attention_mask`` ``[B, T]``
     (nonzero = real token), ``response_start`` a ``[B]`` integer tensor (clamped to ``[0, T]``).
@@ -40,7 +40,7 @@ def redistribute_reference(
     positions = torch.arange(T, device=hidden.device)
 
     # Padding is zeroed before the product, not only after it: the weight's gradient sums
-    # hidden over positions, and 0 * NaN there would be NaN (SPEC: padding contributes exactly 0).
+    # hidden over positions, and 0 * NaN there would be NaN (docs/spec.md: padding contributes exactly 0).
     real_hidden = _copy_with_strides(hidden.to(compute_dtype)).masked_fill_(~valid.unsqueeze(-1), 0)
     scores = real_hidden @ weight.to(compute_dtype).reshape(-1)
     if bias is not None:
@@ -104,7 +104,7 @@ def redistribute_varlen_reference(
     compute_dtype: torch.dtype = torch.float32,
     fixed_order: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """SPEC.md section 5 on packed tokens: ``hidden`` ``[T_local, H]``, ``cu_seqlens`` ``[N+1]`` slot offsets
+    """docs/spec.md section 5 on packed tokens: ``hidden`` ``[T_local, H]``, ``cu_seqlens`` ``[N+1]`` slot offsets
     (validated), ``seq_lens`` ``[N]`` real tokens at the start of each slot (validated), ``response_start``
     ``[N]`` relative to each sequence's start (clamped to ``[0, seq_lens]``), ``prev_scores`` None or ``[N]``
     (NaN: no carried baseline). Differentiable in hidden, weight, bias and prev_scores.

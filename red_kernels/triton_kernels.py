@@ -1,4 +1,4 @@
-"""Triton kernels of the fused op (SPEC.md section 2): forward and backward.
+"""Triton kernels of the fused op (docs/spec.md section 2): forward and backward.
 
 Forward: `_scores_kernel` reads every real hidden row once and writes the scores; the tiny
 `_token_rewards_kernel` then walks each row's [T] scores for the previous-score difference,
@@ -15,7 +15,7 @@ functions run and tests/test_gpu_lowering.py compiles for sm_90 exactly as the J
 The per-token rule restates csrc/red_rule.h in triton.language. Row indices are int64 before
 they multiply strides, so B*T*H beyond 2^31 works.
 
-Packed sequences (redistribute_varlen, SPEC.md section 5) run the same kernels with PACKED set: the
+Packed sequences (redistribute_varlen, docs/spec.md section 5) run the same kernels with PACKED set: the
 T_local tokens are one flat row, and a token's slot, position and validity come from a branch-free binary
 search over cu_seqlens (`_packed_rows`) instead of the mask. The backward's loop stays the padded one:
 `_packed_gradient_kernel` first writes each token's mask and score gradient, which it then reads.
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 
 import torch
 import triton
@@ -45,8 +46,8 @@ _BACKWARD_PROGRAMS_PER_SM = 3
 # Registers per thread the 16-bit four-warp backward may take (Triton's maxnreg): 65536 / (168 * 128) keeps
 # _BACKWARD_PROGRAMS_PER_SM programs on an SM. Triton 3.6 (what torch 2.11 installs) gives that variant 157-177
 # registers at sm_90 (2 programs at B=8 T=1024 H=4096) and 193 at sm_80; capped, 160-161, no spills; Triton
-# 3.8 gives it 128-135 by itself and 122-124 capped. The bf16 store's rounding to nearest even
-# (_to_bfloat16_nearest_even) adds 5-7 capped: 165 at sm_90 and sm_80 under 3.6, 128-131 under 3.8. Only there:
+# 3.8 gives it 128-135 by itself and 122-124 capped. (The interpreter-only bf16 rounding, ROUND_BF16, would add
+# 5-7 capped: 165 at sm_90 and sm_80 under 3.6, 128-131 under 3.8; it is not compiled for a GPU.) Only there:
 # a cap on every variant let 3.8 grow the float32 backward from 113 to 135 registers (4 -> 3 programs), and 136
 # made 3.6 spill 8 bytes in the unaligned bf16 one (tests/test_gpu_lowering.py runs under both versions).
 _BACKWARD_MAX_REGISTERS_16BIT = 168
@@ -312,6 +313,14 @@ def _score_gradient(grad_scores_ptr, grad_token_ptr, i, in_i, position, start, v
     return tl.where(valid, g, 0.0)
 
 
+def _interpreted() -> bool:
+    """Whether the kernels run under the Triton interpreter, whose float32 -> bfloat16 cast truncates where a GPU's
+    (cvt.rn) rounds to nearest even: the backward then rounds its bf16 grad_hidden itself (ROUND_BF16), so both
+    give the same bits; compiled for a GPU the explicit rounding, about 220 instructions in the backward's loop
+    and 5-7 registers, is left out."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 @triton.jit
 def _to_bfloat16_nearest_even(x):
     """float32 -> bfloat16 rounded to nearest, ties to even, in integer arithmetic: what a GPU's cvt.rn gives,
@@ -349,7 +358,7 @@ def _backward_kernel(
     T, H, runs_per_row, rows_per_run, stride_hb, stride_ht, g_ptr,
     BASELINE_ZERO: tl.constexpr, NEED_HIDDEN: tl.constexpr, NEED_WEIGHT: tl.constexpr,
     NEED_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, NUM_STAGES: tl.constexpr,
-    PACKED: tl.constexpr = False,
+    PACKED: tl.constexpr = False, ROUND_BF16: tl.constexpr = False,
 ):
     # PACKED: the T packed tokens are one row (b = 0); mask_ptr and g_ptr hold _packed_gradient_kernel's
     # per-token mask and score gradient, so the loop stays as flat for the pipeliner as the padded one.
@@ -383,7 +392,7 @@ def _backward_kernel(
                                 has_next, last_index, grad_reward, BASELINE_ZERO)
         if NEED_HIDDEN:  # grad_hidden is contiguous [B, T, H] ([T, H] packed)
             dx = g[:, None] * w[None, :]
-            if grad_hidden_ptr.dtype.element_ty == tl.bfloat16:
+            if ROUND_BF16 and grad_hidden_ptr.dtype.element_ty == tl.bfloat16:  # the interpreter's cast truncates
                 dx = _to_bfloat16_nearest_even(dx)
             tl.store(grad_hidden_ptr + (row + t[:, None]) * H + h[None, :], dx.to(grad_hidden_ptr.dtype.element_ty),
                      mask=in_t[:, None] & in_h[None, :])
@@ -429,7 +438,8 @@ def backward_launches(grads, hidden, weight, mask, start, last_index, baseline_z
                     T, H, runs_per_row, rows_per_run, hidden.stride(0), hidden.stride(1), None),
                    dict(BASELINE_ZERO=baseline_zero, NEED_HIDDEN=need_hidden, NEED_WEIGHT=need_weight,
                         NEED_BIAS=need_bias, BLOCK_T=block_t, BLOCK_H=block_h,
-                        NUM_STAGES=_NUM_STAGES if aligned else _NUM_STAGES_UNALIGNED_BACKWARD),
+                        NUM_STAGES=_NUM_STAGES if aligned else _NUM_STAGES_UNALIGNED_BACKWARD,
+                        ROUND_BF16=_interpreted()),
                    num_warps, max_registers=_backward_max_registers(hidden.element_size(), num_warps))]
 
 
@@ -461,7 +471,7 @@ def redistribute_backward(grad_scores, grad_rewards, grad_token_rewards, hidden,
 
 
 # ---------------------------------------------------------------------------------------
-# Packed sequences (SPEC.md section 5): the same kernels with PACKED set. The packed tokens are one flat
+# Packed sequences (docs/spec.md section 5): the same kernels with PACKED set. The packed tokens are one flat
 # row of T_local: the scores kernel and the backward take their programs' rows exactly as for a [1, T, H]
 # batch, and each token's slot, position and validity come from _packed_rows over cu_seqlens / seq_lens
 # instead of the mask; the token-rewards kernel walks one slot per program (and one more for the padding
@@ -555,7 +565,8 @@ def varlen_backward_launches(grads, hidden, weight, cu_seqlens, seq_lens, start,
                     total, H, runs, rows_per_run, 0, hidden.stride(0), g),
                    dict(BASELINE_ZERO=baseline_zero, NEED_HIDDEN=need_hidden, NEED_WEIGHT=need_weight,
                         NEED_BIAS=need_bias, BLOCK_T=block_t, BLOCK_H=block_h,
-                        NUM_STAGES=_NUM_STAGES if aligned else _NUM_STAGES_UNALIGNED_BACKWARD, PACKED=True),
+                        NUM_STAGES=_NUM_STAGES if aligned else _NUM_STAGES_UNALIGNED_BACKWARD, PACKED=True,
+                        ROUND_BF16=_interpreted()),
                    num_warps, max_registers=_backward_max_registers(hidden.element_size(), num_warps))]
 
 

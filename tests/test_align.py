@@ -17,7 +17,7 @@ from align_tokenizers import CORPUS, policy_tokenizer, rm_tokenizer
 
 
 def rule(scores, rm_spans, response_start, policy_spans, baseline):
-    """SPEC.md section 6 read literally, one token at a time, in float64 over float32-rounded scores."""
+    """docs/spec.md section 6 read literally, one token at a time, in float64 over float32-rounded scores."""
     s = [float(torch.tensor(x, dtype=torch.float32)) for x in scores]
     ends, run = [], 0
     for _, end in rm_spans:

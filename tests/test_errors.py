@@ -1,4 +1,4 @@
-"""Every input rule of SPEC.md section 2, violated once: a clear error, and no kernel runs."""
+"""Every input rule of docs/spec.md section 2, violated once: a clear error, and no kernel runs."""
 
 from __future__ import annotations
 

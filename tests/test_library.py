@@ -107,7 +107,7 @@ def test_available_backends() -> None:
 
 
 def test_triton_interpreter_makes_triton_usable_on_cpu() -> None:
-    """SPEC: TRITON_INTERPRET=1 set before the import lists triton for CPU tensors."""
+    """docs/spec.md: TRITON_INTERPRET=1 set before the import lists triton for CPU tensors."""
     if red_kernels.build_info()["triton"] is None:
         pytest.skip("triton is not installed")
     code = "import red_kernels; print(','.join(red_kernels.available_backends('cpu')))"

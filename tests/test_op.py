@@ -107,7 +107,7 @@ def test_offsets_beyond_int32(backend: str) -> None:
 
 
 def test_backends_agree_on_auto() -> None:
-    """backend='auto' on CPU tensors is the C++ kernel when it is built (SPEC: auto)."""
+    """backend='auto' on CPU tensors is the C++ kernel when it is built (docs/spec.md: auto)."""
     expected = "cpu" if "cpu" in red_kernels.available_backends("cpu") else "eager"
     assert red_kernels.op.resolve_backend("auto", torch.device("cpu")) == expected
     inputs = make_inputs(Case(2, 9, 10, seed=11))

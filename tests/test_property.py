@@ -9,7 +9,7 @@ come from the spec in float64 on the same inputs with padding zeroed and starts 
 [0, T] in Python, so a poisoned padding that leaks, or a start that wraps, fails. Gradients of
 all three float outputs go against float64 autograd the same way.
 
-Invalid draws break one rule of SPEC.md section 2 and must raise ValueError or TypeError whose
+Invalid draws break one rule of docs/spec.md section 2 and must raise ValueError or TypeError whose
 message starts with the argument's name. Draws are derandomized, so CI sees the same ones.
 """
 

@@ -1,4 +1,4 @@
-"""`redistribute_varlen` (SPEC.md section 5) on every backend of this process: the float64 matrix, equality
+"""`redistribute_varlen` (docs/spec.md section 5) on every backend of this process: the float64 matrix, equality
 with the padded op on the same sequences, edge packs, padding never read, gradients, registration, errors."""
 
 from __future__ import annotations

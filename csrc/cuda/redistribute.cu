@@ -1,4 +1,4 @@
-// The CUDA implementation of red_kernels::redistribute, redistribute_varlen and their backwards (SPEC.md
+// The CUDA implementation of red_kernels::redistribute, redistribute_varlen and their backwards (docs/spec.md
 // sections 2 and 5): input checks, output allocation and dtype dispatch. The kernels, and the choice of each
 // launch's grid and block, live in redistribute_kernels.cuh, which the host SIMT harness (csrc/simt) also compiles.
 #include <ATen/ATen.h>
@@ -147,7 +147,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> redistribute_backward_cuda(
   return {grad_hidden, grad_weight, grad_bias};
 }
 
-// Packed sequences (SPEC.md section 5): the same kernels' code over flat blocks of tokens.
+// Packed sequences (docs/spec.md section 5): the same kernels' code over flat blocks of tokens.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> redistribute_varlen_cuda(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& cu_seqlens, const at::Tensor& seq_lens, const at::Tensor& start,

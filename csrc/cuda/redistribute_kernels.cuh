@@ -1,4 +1,4 @@
-// The device code of red_kernels::redistribute and its backward (SPEC.md section 2): the kernels, their
+// The device code of red_kernels::redistribute and its backward (docs/spec.md section 2): the kernels, their
 // device helpers, and the host functions that choose each launch's grid and block and launch it. Two
 // builds compile this one file:
 //   * redistribute.cu, with nvcc, for the GPU;
@@ -27,7 +27,7 @@
 // the chunks' partial rows in a fixed order into grad_weight and grad_bias: no atomics, so the result
 // is bitwise reproducible for a given shape.
 //
-// Packed sequences (redistribute_varlen, SPEC.md section 5) reuse all of it. Forward: a block owns
+// Packed sequences (redistribute_varlen, docs/spec.md section 5) reuse all of it. Forward: a block owns
 // kRowsPerBlock consecutive packed tokens, whichever sequences they belong to, and shares step (1)
 // (block_scores: the halo row, warp_rows_dot, the ring) with the padded kernel; each sequence's last token
 // writes its last_index and reward, so no scan is needed. Backward: one body, backward_rows, for both

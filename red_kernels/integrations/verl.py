@@ -6,7 +6,7 @@ the decoded response with the reward model's tokenizer and chat template, posts 
 keeps one float. `REDRewardManager` renders the same text (with verl's own function), asks vLLM's ``/pooling``
 for ``token_classify`` (the same head at every token, raw with ``use_activation: False``), aligns those
 prefix scores to the policy's tokens with `red_kernels.redistribute_across_tokenizers` and returns the row;
-its `assemble_rm_scores` writes the rows into ``rm_scores``. Routing (see README, "RED in verl"):
+its `assemble_rm_scores` writes the rows into ``rm_scores``. Routing (see docs/verl.md):
 
     reward.reward_model.enable=True  reward.reward_model.enable_resource_pool=False
     reward.custom_reward_function.path=pkg://red_kernels.integrations.verl   (makes verl call run_single)

@@ -127,7 +127,7 @@ def setup():
     return policy, rm_tok, reward_model(rm_tok), rollout_batch(policy)
 
 
-# --- routing: the README's configuration reaches run_single through verl's own code -------------------------
+# --- routing: docs/verl.md's configuration reaches run_single through verl's own code -------------------------
 def test_configuration_routes_verl_to_the_manager(setup):
     policy, rm_tok, model, data = setup
     config = verl_config(mode="red")
