@@ -51,11 +51,13 @@ test-simt: install
 	$(PY) -m pytest tests/test_simt.py -q -p no:cacheprovider
 
 # TRL 1.12's own PPOTrainer with red_kernels.hf.get_reward swapped in, against the unswapped run, in a venv of
-# its own (1.12.0 is the last TRL release with a PPO trainer). It borrows the extension `make install` built in place.
+# its own (1.12.0 is the last TRL release with a PPO trainer). It borrows the extension `make install` built in place,
+# and .venv's torch (scripts/borrow_torch.py: symlinks, not a second 6 GB CUDA build; a CI machine ran out of disk).
 TRL_VENV := .venv-trl
-$(TRL_VENV)/.installed:
+$(TRL_VENV)/.installed: $(STAMP)
 	test -x $(TRL_VENV)/bin/python || $(PYTHON) -m venv $(TRL_VENV)
 	$(TRL_VENV)/bin/python -m pip install -q --upgrade pip
+	$(PY) scripts/borrow_torch.py $(TRL_VENV)
 	$(TRL_VENV)/bin/python -m pip install -q "$$($(PY) -c 'import torch; print("torch==" + torch.__version__.split("+")[0])')" "trl==1.12.0"
 	touch $@
 
@@ -128,8 +130,8 @@ wheel-check: wheel
 clean:
 	rm -rf build dist *.egg-info red_kernels/*.so $(STAMP) $(TRL_VENV)/.installed
 
-# verl 0.9.1 with its own pins (transformers 5.5.3-5.10, tensordict <= 0.10, ray, ...) beside this project's torch,
-# in a venv of its own; red_kernels comes from this tree (a .pth file, with the extension `make install` built).
+# verl 0.9.1 with its own pins (transformers 5.5.3-5.10, tensordict <= 0.10, ray, ...) beside this project's torch
+# (borrowed from .venv, as for TRL), in a venv of its own; red_kernels comes from this tree (a .pth file, with the extension `make install` built).
 VERL_VENV := .venv-verl
 VERL_STAMP := $(VERL_VENV)/.installed
 .PHONY: test-verl
@@ -137,8 +139,8 @@ VERL_STAMP := $(VERL_VENV)/.installed
 $(VERL_STAMP): $(STAMP)
 	test -x $(VERL_VENV)/bin/python || $(PYTHON) -m venv $(VERL_VENV)
 	$(VERL_VENV)/bin/python -m pip install -q --upgrade pip
-	$(VERL_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
-	$(VERL_VENV)/bin/python -m pip install -q "verl==0.9.1" "pytest>=8"
+	$(PY) scripts/borrow_torch.py $(VERL_VENV)
+	$(VERL_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)" "verl==0.9.1" "pytest>=8"
 	echo "$(CURDIR)" > "$$($(VERL_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/red_kernels_source.pth"
 	touch $@
 
