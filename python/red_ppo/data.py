@@ -84,8 +84,8 @@ def read_prompt_lines(cfg: TrainerConfig) -> tuple[list[_Line], str]:
             lines.append(_Line(number, record[prompt_key], None))
         else:
             raise ConfigError(f"data.prompt_key: expected every line of {path} to hold a string under "
-                              f"{prompt_key!r}, got line {number}, with no string under {prompt_key!r} and no conversation "
-                              f"under {messages_key!r} (data.messages_key): {line[:80]!r}")
+                              f"{prompt_key!r}, got line {number}, with no string under {prompt_key!r} and no "
+                              f"conversation under {messages_key!r} (data.messages_key): {line[:80]!r}")
     if not lines:
         raise ConfigError(f"data.prompt_file: expected at least one prompt, got an empty file {str(path)!r}")
     return lines, str(path)
