@@ -46,7 +46,7 @@ def hand_rollout(trainer, rows=32, width=9, seed=0, sampled_pads=False):
     the policy sampled (a distinct pad only)."""
     g = torch.Generator().manual_seed(seed)
     prompts = trainer.sampler.next_batch(rows)
-    ids, mask = left_pad(prompts, trainer.pad_id)
+    ids, mask = left_pad([p.ids for p in prompts], trainer.pad_id)
     special = {trainer.pad_id, trainer.eos_id, trainer.tokenizer.bos_token_id, trainer.tokenizer.unk_token_id}
     words = torch.tensor([i for i in range(len(trainer.tokenizer)) if i not in special])
     responses = words[torch.randint(len(words), (rows, width), generator=g)]

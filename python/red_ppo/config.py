@@ -73,10 +73,16 @@ class ModelConfig:
 class DataConfig:
     source: Literal["file", "synthetic"] = doc("file", "'file': prompts from prompt_file; "
                                                        "'synthetic': the demo language.")
-    prompt_file: str | None = doc(None, "A .jsonl file (one object per line, prompt under prompt_key) or a .txt "
-                                        "file (one prompt per line).")
-    prompt_key: str = doc("prompt", "The key that holds the prompt in each .jsonl line.")
-    max_prompt_length: int = doc(128, "Prompts longer than this many tokens keep their last max_prompt_length tokens.")
+    prompt_file: str | None = doc(None, "A .jsonl file (one object per line: a conversation under messages_key or "
+                                        "a plain prompt under prompt_key) or a .txt file (one plain prompt per line).")
+    prompt_key: str = doc("prompt", "The key that holds a plain prompt (a string) in a .jsonl line; it is tokenised "
+                                    "with the tokenizer's special tokens.")
+    messages_key: str = doc("messages", "The key that holds a conversation in a .jsonl line: a list of {role, "
+                                        "content} turns, the last the user's, rendered with the policy tokenizer's "
+                                        "chat template and its generation prompt (no special tokens added on top). "
+                                        "A line holding both keys is an error.")
+    max_prompt_length: int = doc(128, "Prompts longer than this many tokens (after the chat template) are dropped, "
+                                      "never cut; the count is logged as data/dropped_too_long.")
 
 
 @dataclass
@@ -206,6 +212,8 @@ def validate_trainer(cfg: TrainerConfig) -> None:
     require(0 < g.top_p <= 1, "generation.top_p", "a number in (0, 1]", g.top_p)
     require(ro.batch_size >= 1, "rollout.batch_size", "an integer >= 1", ro.batch_size)
     require(ro.forward_batch_size >= 1, "rollout.forward_batch_size", "an integer >= 1", ro.forward_batch_size)
+    require(cfg.data.messages_key != cfg.data.prompt_key, "data.messages_key",
+            f"a key other than data.prompt_key={cfg.data.prompt_key!r}", cfg.data.messages_key)
     require(cfg.data.max_prompt_length >= 1, "data.max_prompt_length", "an integer >= 1", cfg.data.max_prompt_length)
     try:
         check_reward_mix({"mode": rw.mode, "baseline": rw.baseline, "beta_c": rw.beta_c}, "reward.")

@@ -22,7 +22,7 @@ from red_kernels import redistribute
 from red_kernels.hf import score_prefixes
 from red_ppo import checkpoint as ckpt
 from red_ppo.config import ConfigError, TrainerConfig, to_dict
-from red_ppo.data import PromptSampler, read_prompt_texts, split_prompts, tokenize_prompts
+from red_ppo.data import PromptSampler, load_prompts, split_prompts
 from red_ppo.gae import compute_gae
 from red_ppo.losses import explained_variance, policy_loss, token_mean, value_loss
 from red_ppo.metrics import MetricsLog
@@ -124,7 +124,7 @@ class PPOTrainer:
             sample_metrics = SyntheticTask().metrics
         self.sample_metrics = sample_metrics
 
-        prompts = tokenize_prompts(read_prompt_texts(cfg), tokenizer, cfg.data.max_prompt_length)
+        prompts, self.data_counts = load_prompts(cfg, tokenizer)
         train_prompts, self.eval_prompts = split_prompts(prompts, cfg.run.eval_prompts, cfg.run.seed)
         self.sampler = PromptSampler(train_prompts, cfg.run.seed)
         self.shuffle = torch.Generator().manual_seed(cfg.run.seed + 1)
@@ -333,7 +333,7 @@ class PPOTrainer:
         cfg = self.cfg
         t0 = time.perf_counter()
         prompts = self.sampler.next_batch(cfg.rollout.batch_size)
-        prompt_ids, prompt_mask = left_pad(prompts, self.pad_id, self.device)
+        prompt_ids, prompt_mask = left_pad([p.ids for p in prompts], self.pad_id, self.device)
         rollout = generate_rollout(self.policy, prompt_ids, prompt_mask, cfg.generation, self.eos_id, self.pad_id)
         t1 = time.perf_counter()
         exp = self.make_experience(rollout)
@@ -348,6 +348,8 @@ class PPOTrainer:
                "lr/critic": self.schedulers["critic"].get_last_lr()[0],
                "time/rollout_s": t1 - t0, "time/score_s": t2 - t1, "time/update_s": t3 - t2, "time/step_s": t3 - t0,
                "throughput/tokens_per_s": tokens / (t3 - t0), "throughput/samples_per_s": len(prompts) / (t3 - t0)}
+        if self.step == 0:
+            row.update(self.data_counts)  # once, in the first step's row
         if self.sample_metrics is not None:
             row.update(self.sample_metrics(rollout.prompt_lists(), rollout.response_lists()))
         return row
@@ -364,7 +366,8 @@ class PPOTrainer:
             torch.manual_seed(cfg.run.seed + 2)
             chunk = cfg.rollout.forward_batch_size
             for start in range(0, len(self.eval_prompts), chunk):
-                ids, mask = left_pad(self.eval_prompts[start:start + chunk], self.pad_id, self.device)
+                ids, mask = left_pad([p.ids for p in self.eval_prompts[start:start + chunk]], self.pad_id,
+                                     self.device)
                 rollout = generate_rollout(self.policy, ids, mask, cfg.generation, self.eos_id, self.pad_id)
                 logprobs = rollout_logprobs(self.policy, rollout, cfg.generation.temperature, chunk)
                 ref = rollout_logprobs(self.reference, rollout, cfg.generation.temperature, chunk)
