@@ -102,8 +102,8 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     trainer = trainer_for(data)
     original = trainer.score_rollout
 
-    def poisoned(rollout):
-        scores, token_rewards, values = original(rollout)
+    def poisoned(rollout, prompts):
+        scores, token_rewards, values = original(rollout, prompts)
         if trainer.step == 1:
             scores = scores * float("nan")
             token_rewards = token_rewards * float("nan")
@@ -147,7 +147,7 @@ def test_rollout_logprobs_match_the_sampling_distribution(tmp_path):
 
     trainer = trainer_for(tiny(tmp_path, generation={"temperature": 0.7, "max_new_tokens": 5}))
     prompts = trainer.sampler.next_batch(6)
-    ids, mask = left_pad(prompts, trainer.pad_id)
+    ids, mask = left_pad([p.ids for p in prompts], trainer.pad_id)
     from transformers import GenerationConfig
     config = GenerationConfig(do_sample=True, max_new_tokens=5, temperature=0.7, top_k=0, top_p=1.0,
                               pad_token_id=trainer.pad_id, eos_token_id=trainer.eos_id, output_logits=True,
@@ -172,7 +172,7 @@ def test_sampling_ignores_the_models_generation_defaults(tmp_path):
     from red_ppo.rollout import generate_rollout, left_pad
 
     trainer = trainer_for(tiny(tmp_path))
-    ids, mask = left_pad(trainer.sampler.next_batch(8), trainer.pad_id)
+    ids, mask = left_pad([p.ids for p in trainer.sampler.next_batch(8)], trainer.pad_id)
 
     def sample():
         torch.manual_seed(3)
