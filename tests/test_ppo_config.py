@@ -1,6 +1,6 @@
 """Every configuration error: unknown keys, wrong types, impossible values, missing files and a
-reward model whose tokenizer is not the policy's, each rejected before any model is loaded
-with a message that names the key, what was expected and what came."""
+critic that cannot start from a reward model with its own tokenizer, each rejected before any model is
+loaded with a message that names the key, what was expected and what came."""
 
 import json
 
@@ -231,18 +231,30 @@ def test_bad_prompt_files(tmp_path, no_model_loading):
         trainer(with_file("empty.txt", "\n\n"))
 
 
-def test_reward_model_with_another_tokenizer_is_rejected(tmp_path, no_model_loading):
+def test_reward_model_with_its_own_tokenizer_needs_the_critic_from_the_policy(tmp_path, no_model_loading):
     from red_ppo.synthetic import build_tokenizer
 
     other = build_tokenizer()
     other.add_tokens(["zebra"])
     rm_dir = saved_model_dir(tmp_path / "rm", other)
-    with pytest.raises(ConfigError) as error:
-        trainer(tiny_config(model={"reward_model": {"path": rm_dir}}))
-    message = str(error.value)
-    assert "model.reward_model.tokenizer: expected the policy's tokenizer (68 tokens, from 'synthetic')" in message
-    assert "69 tokens instead of 68" in message
+    for init in ("reward_model_zero_head", "reward_model"):
+        with pytest.raises(ConfigError) as error:
+            trainer(tiny_config(model={"reward_model": {"path": rm_dir}, "critic_init": init}))
+        message = str(error.value)
+        assert message.startswith("model.critic_init: expected 'policy' because the reward model has its own "
+                                  f"tokenizer (from {rm_dir!r}, not the policy's from 'synthetic': 69 tokens "
+                                  f"instead of 68), got {init!r}")
+        assert "set model.critic_init=policy" in message
+    # with the critic from the policy every check passes: the first model is built
+    with pytest.raises(AssertionError, match="a model was loaded before"):
+        trainer(tiny_config(model={"reward_model": {"path": rm_dir}, "critic_init": "policy"}))
+    # the reward model's vocabulary is checked against its own tokenizer (69 tokens), not the policy's (68)
+    small = saved_model_dir(tmp_path / "rm-small", other, vocab_size=68)
+    with pytest.raises(ConfigError, match=r"model.reward_model: expected a vocab_size of at least 69 \(the "
+                                          r"tokenizer's\), got 68"):
+        trainer(tiny_config(model={"reward_model": {"path": small}, "critic_init": "policy"}))
 
+    # the same tokens under other ids make another tokenizer too
     swapped = build_tokenizer()
     vocab = swapped.get_vocab()
     spec = json.loads(swapped.backend_tokenizer.to_str())

@@ -43,7 +43,7 @@ def make_trainer(tmp_path, pad_is_eos=False, reward_fn=None, **sections):
 def hand_rollout(trainer, rows=32, width=9, seed=0, sampled_pads=False):
     """Sampled prompts and random responses with an EOS at random places (some rows without one,
     one row that is only an EOS), so lengths differ; ``sampled_pads``: rows 1 and 2 hold pad ids
-    the policy sampled (a distinct pad only)."""
+    the policy sampled (a distinct pad only). -> (rollout, its prompts)."""
     g = torch.Generator().manual_seed(seed)
     prompts = trainer.sampler.next_batch(rows)
     ids, mask = left_pad([p.ids for p in prompts], trainer.pad_id)
@@ -58,7 +58,7 @@ def hand_rollout(trainer, rows=32, width=9, seed=0, sampled_pads=False):
     if sampled_pads and trainer.pad_id != trainer.eos_id:  # inside row 1, and last in row 2 (no EOS)
         responses[1, 3] = trainer.pad_id
         responses[2, 3:] = torch.tensor([trainer.pad_id, words[0], trainer.pad_id] + [trainer.pad_id] * (width - 6))
-    return build_rollout(ids, mask, responses, trainer.eos_id, trainer.pad_id)
+    return build_rollout(ids, mask, responses, trainer.eos_id, trainer.pad_id), prompts
 
 
 # ------------------------------------------------------------------ 1. the critic's start
@@ -79,9 +79,9 @@ def test_critic_initialisations(tmp_path):
     assert load_config(base=tiny(tmp_path)).model.critic_init == "reward_model_zero_head"  # the default
 
 
-def step0(trainer, rollout, mode):
+def step0(trainer, rollout, prompts, mode):
     trainer.cfg.reward.mode = mode
-    return trainer.make_experience(rollout)
+    return trainer.make_experience(rollout, prompts)
 
 
 @pytest.mark.parametrize("pad_is_eos", [False, True], ids=["distinct-pad", "pad-is-eos"])
@@ -92,8 +92,8 @@ def test_step0_sparse_td_errors_equal_red_rewards_only_under_the_reward_model_cr
     model = {"critic_init": init} if init != "default" else {}
     trainer = make_trainer(tmp_path, pad_is_eos, model=model, reward={"kl_coef": 0.0},
                            ppo={"lam": 0.0, "gamma": 1.0, "whiten_advantages": False})
-    rollout = hand_rollout(trainer)
-    sparse, red = step0(trainer, rollout, "sparse"), step0(trainer, rollout, "red")
+    rollout, prompts = hand_rollout(trainer)
+    sparse, red = step0(trainer, rollout, prompts, "sparse"), step0(trainer, rollout, prompts, "red")
     mask = rollout.response_mask.bool()
     td_errors, red_rewards = sparse["advantages"][mask], red["rm_rewards"][mask]
     difference = (td_errors - red_rewards).abs().max().item()
@@ -110,8 +110,8 @@ def test_step0_sparse_td_errors_equal_red_rewards_only_under_the_reward_model_cr
 @pytest.mark.parametrize("pad_is_eos", [False, True], ids=["distinct-pad", "pad-is-eos"])
 def test_scores_are_read_where_a_sequence_classifier_reads_them(tmp_path, pad_is_eos):
     trainer = make_trainer(tmp_path, pad_is_eos)
-    rollout = hand_rollout(trainer, sampled_pads=True)
-    scores, token_rewards = trainer.reward_scores(rollout)
+    rollout, prompts = hand_rollout(trainer, sampled_pads=True)
+    scores, token_rewards = trainer.reward_scores(rollout, prompts)
     rm = trainer.reward_model
     assert rm.config.pad_token_id == trainer.pad_id
     with torch.no_grad():  # transformers scores the last token that is not the pad id
@@ -142,8 +142,8 @@ def test_a_nan_critic_gradient_leaves_the_policy_untouched(tmp_path):
     from red_ppo.trainer import NonFiniteLossError
 
     trainer = make_trainer(tmp_path)
-    rollout = hand_rollout(trainer)
-    exp = trainer.make_experience(rollout)
+    rollout, prompts = hand_rollout(trainer)
+    exp = trainer.make_experience(rollout, prompts)
     before = {k: v.clone() for k, v in trainer.policy.state_dict().items()}
     trainer.critic.head.weight.register_hook(lambda grad: grad * float("nan"))
     with pytest.raises(NonFiniteLossError, match="critic gradient norm is nan.*before updating"):
@@ -162,8 +162,8 @@ def test_clip_applies_to_the_scores_and_the_missing_eos_penalty_comes_after(tmp_
     clip, penalty = 1e-3, 5.0
     trainer = make_trainer(tmp_path, reward={"mode": mode, "clip": clip, "missing_eos_penalty": penalty,
                                              "kl_coef": 0.0})
-    rollout = hand_rollout(trainer)
-    exp = trainer.make_experience(rollout)
+    rollout, prompts = hand_rollout(trainer)
+    exp = trainer.make_experience(rollout, prompts)
     P, mask = rollout.prompt_width, rollout.response_mask
     with torch.no_grad():
         out = score_prefixes(trainer.reward_model, rollout.input_ids, reward_model_mask(rollout, trainer.pad_id), P)
@@ -189,9 +189,9 @@ def test_gradient_accumulation_does_not_change_the_gradient(tmp_path):
     FLOOR_ORDERS other orders. Each tensor (and each loss) may differ by 3x the largest difference those show."""
     floor_orders, multiple = 6, 3.0
     trainer = make_trainer(tmp_path, ppo={"entropy_coef": 0.01, "value_clip_range": 0.2})
-    rollout = hand_rollout(trainer)
+    rollout, prompts = hand_rollout(trainer)
     assert len(set(rollout.lengths.tolist())) > 3
-    exp = trainer.make_experience(rollout)
+    exp = trainer.make_experience(rollout, prompts)
     # Move the models off the rollout's so that ratios and value clipping are not trivial.
     with torch.no_grad():
         for q in list(trainer.policy.parameters()) + list(trainer.critic.parameters()):
@@ -230,8 +230,8 @@ def test_reward_fn_replaces_the_reward_model(tmp_path):
         return torch.cumsum(table[input_ids] * attention_mask, dim=1).float()
 
     trainer = make_trainer(tmp_path, reward_fn=reward_fn, reward={"mode": "red", "baseline": "prompt"})
-    rollout = hand_rollout(trainer)
-    scores, token_rewards = trainer.reward_scores(rollout)
+    rollout, prompts = hand_rollout(trainer)
+    scores, token_rewards = trainer.reward_scores(rollout, prompts)
     mask = reward_model_mask(rollout, trainer.pad_id)
     P = rollout.prompt_width
     table = torch.linspace(-1.0, 1.0, 68, dtype=torch.float64)
@@ -251,4 +251,4 @@ def test_reward_fn_errors(tmp_path):
     trainer = make_trainer(tmp_path, reward_fn=lambda ids, mask, start: torch.zeros(ids.shape[0]))
     with pytest.raises(ValueError, match=r"reward_fn: expected a floating-point tensor of prefix scores of shape "
                                          r"\[32, \d+\].*got torch.float32 tensor of shape \[32\]"):
-        trainer.reward_scores(hand_rollout(trainer))
+        trainer.reward_scores(*hand_rollout(trainer))

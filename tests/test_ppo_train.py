@@ -102,8 +102,8 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     trainer = trainer_for(data)
     original = trainer.score_rollout
 
-    def poisoned(rollout):
-        scores, token_rewards, values = original(rollout)
+    def poisoned(rollout, prompts):
+        scores, token_rewards, values = original(rollout, prompts)
         if trainer.step == 1:
             scores = scores * float("nan")
             token_rewards = token_rewards * float("nan")

@@ -58,13 +58,16 @@ class ModelConfig:
     policy: ModelSource = doc(ModelSource(), "The policy, an AutoModelForCausalLM.")
     reference: ModelSource | None = doc(None, "The frozen reference policy; null: a frozen copy of the initial policy.")
     reward_model: ModelSource = doc(ModelSource(), "The frozen reward model, an AutoModelForSequenceClassification "
-                                                   "with num_labels=1.")
+                                                   "with num_labels=1. Its tokenizer may differ from the policy's: "
+                                                   "each response is then rendered as text in its chat template and "
+                                                   "its prefix scores are aligned to the policy's tokens.")
     critic_init: Literal["reward_model_zero_head", "reward_model", "policy"] = doc(
         "reward_model_zero_head",
         "The critic's start: 'reward_model_zero_head', the reward model's backbone with a value head of zeros "
         "(V = 0 everywhere at step 0); 'reward_model', backbone and head of the reward model (V_t = the RM's "
         "score of the prefix before token t, which makes sparse PPO's step-0 TD errors equal RED's token "
-        "rewards: the two modes start equivalent); 'policy', the policy's backbone with a head of zeros.")
+        "rewards: the two modes start equivalent); 'policy', the policy's backbone with a head of zeros (the only "
+        "start when the reward model has its own tokenizer: the critic reads the policy's tokens).")
     dtype: Literal["float32", "bfloat16", "float16"] = doc("float32", "Dtype of all four models.")
     attn_implementation: str | None = doc("sdpa", "attn_implementation passed to transformers (null: its default).")
 

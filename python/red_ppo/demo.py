@@ -73,8 +73,8 @@ class CreditTrainer(PPOTrainer):
         super().__init__(cfg, sample_metrics=task.metrics, **kwargs)
         self.task = task
 
-    def make_experience(self, rollout):
-        exp = super().make_experience(rollout)
+    def make_experience(self, rollout, prompts):
+        exp = super().make_experience(rollout, prompts)
         advantages, rewards, truth = [], [], []
         for row, (prompt, response) in enumerate(zip(rollout.prompt_lists(), rollout.response_lists())):
             truth += self.task.token_credit(prompt, response)

@@ -1,7 +1,7 @@
 """Tokenizers and the four models: policy, frozen reference, critic, frozen reward model.
 
-`check_resources` runs before any model is loaded: files exist, tokenizers load, and the
-reward model's tokenizer is the policy's.
+`check_resources` runs before any model is loaded: files exist, tokenizers load, and a reward model
+with its own tokenizer (one that differs from the policy's) can be aligned to the policy's tokens.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import re
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -82,8 +83,13 @@ def _check_model_config(source: ModelSource, key: str, vocab: int) -> None:
                           f"got num_labels={labels}")
 
 
-def check_resources(cfg: TrainerConfig):
-    """Everything that needs files but no model: returns the policy's tokenizer."""
+class Tokenizers(NamedTuple):
+    policy: Any
+    reward_model: Any | None  # the reward model's own tokenizer where it differs from the policy's, else None
+
+
+def check_resources(cfg: TrainerConfig) -> Tokenizers:
+    """Everything that needs files but no model: returns the policy's tokenizer and the reward model's own."""
     m = cfg.model
     if cfg.data.source == "file":
         if not Path(cfg.data.prompt_file).is_file():
@@ -93,21 +99,41 @@ def check_resources(cfg: TrainerConfig):
         if source is not None and source.path is not None:
             _local_or_hub(f"model.{name}.path", source.path)
     tokenizer = load_tokenizer(m.tokenizer or m.policy.path, "model.tokenizer")
-    rm = m.reward_model
-    rm_tokenizer_source = rm.tokenizer or (rm.path if rm.path and _has_tokenizer(rm.path) else None)
-    if rm_tokenizer_source is not None:
-        rm_tokenizer = load_tokenizer(rm_tokenizer_source, "model.reward_model.tokenizer")
-        difference = _tokenizer_difference(tokenizer, rm_tokenizer)
-        if difference is not None:
-            raise ConfigError(
-                f"model.reward_model.tokenizer: expected the policy's tokenizer ({len(tokenizer)} tokens, from "
-                f"{m.tokenizer or m.policy.path!r}), got a different one from {rm_tokenizer_source!r}: {difference}. "
-                f"The reward model must read the policy's token ids.")
+    rm_tokenizer = reward_model_tokenizer(cfg, tokenizer)
     for name in ("policy", "reference", "reward_model"):
         source = getattr(m, name)
         if source is not None:
-            _check_model_config(source, f"model.{name}", len(tokenizer))
-    return tokenizer
+            own = rm_tokenizer if name == "reward_model" and rm_tokenizer is not None else tokenizer
+            _check_model_config(source, f"model.{name}", len(own))
+    return Tokenizers(tokenizer, rm_tokenizer)
+
+
+def reward_model_tokenizer(cfg: TrainerConfig, tokenizer):
+    """The reward model's own tokenizer (``model.reward_model.tokenizer``, else one saved in its path) where it
+    differs from the policy's ``tokenizer``; None where the reward model reads the policy's token ids.
+
+    A different tokenizer must be fast (its character offsets align its tokens to the policy's), and the critic,
+    which reads the policy's tokens, must then start from the policy (``model.critic_init: policy``)."""
+    m = cfg.model
+    rm = m.reward_model
+    source = rm.tokenizer or (rm.path if rm.path and _has_tokenizer(rm.path) else None)
+    if source is None:
+        return None
+    rm_tokenizer = load_tokenizer(source, "model.reward_model.tokenizer")
+    difference = _tokenizer_difference(tokenizer, rm_tokenizer)
+    if difference is None:
+        return None
+    if not getattr(rm_tokenizer, "is_fast", False):
+        raise ConfigError(f"model.reward_model.tokenizer: expected a fast (Rust `tokenizers`) tokenizer, which reports "
+                          f"the character offsets that align its tokens to the policy's, got "
+                          f"{type(rm_tokenizer).__name__} from {source!r}")
+    if m.critic_init != "policy":
+        raise ConfigError(
+            f"model.critic_init: expected 'policy' because the reward model has its own tokenizer (from {source!r}, "
+            f"not the policy's from {m.tokenizer or m.policy.path!r}: {difference}), got {m.critic_init!r}. The critic "
+            f"reads the policy's token ids, which the reward model's backbone does not understand; set "
+            f"model.critic_init=policy.")
+    return rm_tokenizer
 
 
 def _has_tokenizer(path: str) -> bool:

@@ -19,14 +19,15 @@ import yaml
 from tqdm.auto import tqdm
 
 from red_kernels import redistribute
+from red_kernels.cross_tokenizer import align_scores, policy_response, render_response, reward_model_text
 from red_kernels.hf import score_prefixes
 from red_ppo import checkpoint as ckpt
 from red_ppo.config import ConfigError, TrainerConfig, to_dict
-from red_ppo.data import PromptSampler, load_prompts, split_prompts
+from red_ppo.data import Prompt, PromptSampler, load_prompts, split_prompts
 from red_ppo.gae import compute_gae
 from red_ppo.losses import explained_variance, policy_loss, token_mean, value_loss
 from red_ppo.metrics import MetricsLog
-from red_ppo.models import Critic, build_model, check_resources, freeze
+from red_ppo.models import Critic, build_model, check_resources, freeze, reward_model_tokenizer
 from red_ppo.rewards import apply_missing_eos_penalty, kl_per_token, make_kl_controller, masked_mean, \
     mixed_rewards, shape_rewards, whiten
 from red_ppo.rollout import Rollout, entropy_from_logits, gather_logprobs, generate_rollout, left_pad, \
@@ -100,6 +101,10 @@ class PPOTrainer:
     scores with ``red_kernels.redistribute``, exactly as it does the reward model's. Use it for an
     oracle, a rule-based scorer, or a reward model this trainer cannot load. The reward model is
     still built (the critic may start from it) but is not used for scores.
+
+    A reward model with its own tokenizer (`red_ppo.models.reward_model_tokenizer`) reads each response as
+    text, rendered with the conversation in its own chat template; its prefix scores are moved onto the
+    policy's tokens (`red_kernels.cross_tokenizer`). ``tokenizer``, when given, is the policy's.
     """
 
     def __init__(self, cfg: TrainerConfig, *, tokenizer=None,
@@ -112,7 +117,11 @@ class PPOTrainer:
         self.cfg = cfg
         self.out = Path(cfg.run.output_dir)
         self.device = resolve_device(cfg.run.device)
-        tokenizer = check_resources(cfg) if tokenizer is None else tokenizer
+        if tokenizer is None:
+            tokenizer, rm_tokenizer = check_resources(cfg)
+        else:
+            rm_tokenizer = reward_model_tokenizer(cfg, tokenizer)
+        self.rm_tokenizer = rm_tokenizer  # None: the reward model reads the policy's token ids
         if cfg.run.num_threads:
             torch.set_num_threads(cfg.run.num_threads)
         if cfg.run.deterministic:
@@ -136,7 +145,8 @@ class PPOTrainer:
             self.reference = freeze(copy.deepcopy(self.policy))
         else:
             self.reference = freeze(build_model(m.reference, tokenizer, "causal_lm", cfg).to(self.device))
-        self.reward_model = freeze(build_model(m.reward_model, tokenizer, "seq_cls", cfg).to(self.device))
+        self.reward_model = freeze(build_model(m.reward_model, rm_tokenizer or tokenizer, "seq_cls", cfg)
+                                   .to(self.device))
         if m.critic_init in ("reward_model", "reward_model_zero_head"):
             self.critic = Critic.from_reward_model(self.reward_model, cfg.reward.backend,
                                                    zero_head=m.critic_init == "reward_model_zero_head")
@@ -160,13 +170,20 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------ rollout
 
-    def reward_scores(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sequence scores ``[B]`` and RED token rewards ``[B, P + R]`` of one chunk of a rollout.
+    def reward_scores(self, rollout: Rollout, prompts: list[Prompt]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sequence scores ``[B]`` and RED token rewards ``[B, P + R]`` of one chunk of a rollout, whose row i
+        answers ``prompts[i]``.
 
         Scores are read where the reward model was trained to read them (`reward_model_mask`), from
         the reward model's one pass through the fused op or from ``reward_fn``. ``reward.clip``
         clamps every prefix score before redistribution, so clipped token rewards still telescope.
+        A reward model with its own tokenizer scores the re-rendered texts instead (`cross_tokenizer_scores`).
         """
+        if len(prompts) != rollout.input_ids.shape[0]:
+            raise ValueError(f"prompts: expected one Prompt per rollout row ({rollout.input_ids.shape[0]}), "
+                             f"got {len(prompts)}")
+        if self.rm_tokenizer is not None and self.reward_fn is None:
+            return self.cross_tokenizer_scores(rollout, prompts, self.rm_tokenizer)
         r = self.cfg.reward
         mask, width = reward_model_mask(rollout, self.pad_id), rollout.prompt_width
         if self.reward_fn is None:
@@ -191,25 +208,62 @@ class PPOTrainer:
                            response_start=width, baseline=r.baseline, backend=r.backend)
         return out.rewards, out.token_rewards
 
-    def score_rollout(self, rollout: Rollout):
-        """Sequence scores, RED token rewards and the critic's values, chunked."""
+    def cross_tokenizer_scores(self, rollout: Rollout, prompts: list[Prompt], rm_tokenizer) -> tuple[torch.Tensor,
+                                                                                                     torch.Tensor]:
+        """`reward_scores` for a reward model that reads text with ``rm_tokenizer``.
+
+        Each row's response text (the policy's sampled tokens decoded, the EOS text deleted) is rendered with the
+        conversation in the reward model's chat template (a ``prompt`` line as one user message), or appended to
+        the prompt's text where that tokenizer has no template; every row is scored in one padded pass of
+        `score_prefixes`, and each row's prefix scores (clamped by ``reward.clip``) are moved onto the policy's
+        response tokens by `red_kernels.redistribute_across_tokenizers`. The sequence score is the reward
+        model's score of the whole rendered text. Token rewards sit in columns ``P + t`` as the fused op's do.
+        """
+        r = self.cfg.reward
+        texts = []
+        for row, (prompt, response) in enumerate(zip(prompts, rollout.response_lists())):
+            response_text, policy_spans = policy_response(self.tokenizer, response)
+            chat = prompt.messages if prompt.messages is not None else [{"role": "user", "content": prompt.text}]
+            rm_text, start = render_response(rm_tokenizer, chat, prompt.text, response_text, sample=row)
+            texts.append(reward_model_text(rm_tokenizer, rm_text, start, response_text, policy_spans, sample=row))
+        lengths = [len(t.rm_ids) for t in texts]
+        ids = torch.zeros((len(texts), max(lengths)), dtype=torch.long)  # padding: masked, as score_prefixes does
+        mask = torch.zeros_like(ids)
+        for row, text in enumerate(texts):
+            ids[row, : lengths[row]] = torch.tensor(text.rm_ids, dtype=torch.long)
+            mask[row, : lengths[row]] = 1
+        prefix = score_prefixes(self.reward_model, ids.to(self.device), mask.to(self.device), 0, baseline="zero",
+                                backend=r.backend).scores.float().cpu()
+        if r.clip is not None:
+            prefix = prefix.clamp(-r.clip, r.clip)
+        scores = torch.zeros(len(texts), dtype=torch.float32)
+        token_rewards = torch.zeros(rollout.input_ids.shape, dtype=torch.float32)
+        P = rollout.prompt_width
+        for row, text in enumerate(texts):
+            aligned = align_scores(text, prefix[row, : lengths[row]], baseline=r.baseline, sample=row)
+            scores[row] = aligned.score
+            token_rewards[row, P: P + aligned.token_rewards.numel()] = aligned.token_rewards
+        return scores.to(self.device), token_rewards.to(self.device)
+
+    def score_rollout(self, rollout: Rollout, prompts: list[Prompt]):
+        """Sequence scores, RED token rewards and the critic's values, chunked; row i answers ``prompts[i]``."""
         scores, token_rewards, values = [], [], []
         chunk, R = self.cfg.rollout.forward_batch_size, rollout.response_mask.shape[1]
         for start in range(0, rollout.input_ids.shape[0], chunk):
             part = rollout.select(torch.arange(start, min(start + chunk, rollout.input_ids.shape[0])))
-            part_scores, part_token_rewards = self.reward_scores(part)
+            part_scores, part_token_rewards = self.reward_scores(part, prompts[start:start + chunk])
             scores.append(part_scores)
             token_rewards.append(part_token_rewards)
             values.append(self.critic(part.input_ids, part.attention_mask, part.prompt_width, R).float())
         return torch.cat(scores), torch.cat(token_rewards), torch.cat(values) * rollout.response_mask
 
     @torch.no_grad()
-    def make_experience(self, rollout: Rollout) -> dict:
+    def make_experience(self, rollout: Rollout, prompts: list[Prompt]) -> dict:
         cfg, mask = self.cfg, rollout.response_mask
         temperature, chunk = cfg.generation.temperature, cfg.rollout.forward_batch_size
         logprobs = rollout_logprobs(self.policy, rollout, temperature, chunk)
         ref_logprobs = rollout_logprobs(self.reference, rollout, temperature, chunk)
-        scores, token_rewards, values = self.score_rollout(rollout)
+        scores, token_rewards, values = self.score_rollout(rollout, prompts)
         rm_rewards = mixed_rewards(cfg.reward.mode, scores, token_rewards, rollout.prompt_width, mask,
                                    cfg.reward.beta_c)
         # Padding after an EOS may itself be the EOS id (pad == EOS): only real tokens count.
@@ -336,7 +390,7 @@ class PPOTrainer:
         prompt_ids, prompt_mask = left_pad([p.ids for p in prompts], self.pad_id, self.device)
         rollout = generate_rollout(self.policy, prompt_ids, prompt_mask, cfg.generation, self.eos_id, self.pad_id)
         t1 = time.perf_counter()
-        exp = self.make_experience(rollout)
+        exp = self.make_experience(rollout, prompts)
         t2 = time.perf_counter()
         update = self.ppo_update(rollout, exp)
         t3 = time.perf_counter()
@@ -366,12 +420,12 @@ class PPOTrainer:
             torch.manual_seed(cfg.run.seed + 2)
             chunk = cfg.rollout.forward_batch_size
             for start in range(0, len(self.eval_prompts), chunk):
-                ids, mask = left_pad([p.ids for p in self.eval_prompts[start:start + chunk]], self.pad_id,
-                                     self.device)
+                batch = self.eval_prompts[start:start + chunk]
+                ids, mask = left_pad([p.ids for p in batch], self.pad_id, self.device)
                 rollout = generate_rollout(self.policy, ids, mask, cfg.generation, self.eos_id, self.pad_id)
                 logprobs = rollout_logprobs(self.policy, rollout, cfg.generation.temperature, chunk)
                 ref = rollout_logprobs(self.reference, rollout, cfg.generation.temperature, chunk)
-                scores.append(self.reward_scores(rollout)[0])
+                scores.append(self.reward_scores(rollout, batch)[0])
                 kls.append((logprobs - ref).sum(1))
                 lengths.append(rollout.response_mask.sum(1))
                 prompts += rollout.prompt_lists()

@@ -5,8 +5,9 @@ verl's discriminative reward path (``RewardLoopWorker.compute_score_disrm``) ren
 the decoded response with the reward model's tokenizer and chat template, posts it to vLLM's ``/classify`` and
 keeps one float. `REDRewardManager` renders the same text (with verl's own function), asks vLLM's ``/pooling``
 for ``token_classify`` (the same head at every token, raw with ``use_activation: False``), aligns those
-prefix scores to the policy's tokens with `red_kernels.redistribute_across_tokenizers` and returns the row;
-its `assemble_rm_scores` writes the rows into ``rm_scores``. Routing (see docs/verl.md):
+prefix scores to the policy's tokens with `red_kernels.redistribute_across_tokenizers` and returns the row
+(the locate-align-row steps are `red_kernels.cross_tokenizer`'s, which red_ppo uses too); its
+`assemble_rm_scores` writes the rows into ``rm_scores``. Routing (see docs/verl.md):
 
     reward.reward_model.enable=True  reward.reward_model.enable_resource_pool=False
     reward.custom_reward_function.path=pkg://red_kernels.integrations.verl   (makes verl call run_single)
@@ -30,14 +31,14 @@ from verl import DataProto
 from verl.experimental.reward_loop.reward_loop import RewardLoopWorker
 from verl.experimental.reward_loop.reward_manager.base import RewardManagerBase
 
-from red_kernels.align import policy_token_spans, redistribute_across_tokenizers, reward_model_token_spans
-from red_kernels.reward_mix import check_reward_mix, mix_rewards
+from red_kernels.cross_tokenizer import (align_scores, locate_response, policy_response, reward_model_text,
+                                         reward_row)
+from red_kernels.reward_mix import check_reward_mix
 
 __all__ = ["HFTokenScorer", "REDRewardManager", "VLLMTokenScorer", "compute_score", "locate_response",
            "parse_token_classify_response", "red_settings"]
 
 DEFAULTS = {"mode": "red", "baseline": "prompt", "beta_c": 1.0, "scorer": "vllm", "max_retries": 3}
-_MARKER = "\u27e6red-kernels:response\u27e7"
 
 
 def compute_score(*args, **kwargs):
@@ -175,27 +176,6 @@ class HFTokenScorer:
         return parse_token_classify_response(self.pooling_response(text), sample=sample)
 
 
-# --- rendering and locating the response -----------------------------------------------------------------------
-def _strip_bos(text: str, tokenizer) -> str:
-    # as compute_score_disrm: the server adds the BOS again
-    bos = tokenizer.bos_token
-    return text[len(bos):] if bos is not None and text.startswith(bos) else text
-
-
-def locate_response(rm_tokenizer, chat: list, response_text: str, rm_text: str, *, sample) -> int:
-    """Where ``response_text`` starts in ``rm_text``: the chat rendered with a marker as the assistant's
-    content must be ``rm_text`` with the response replaced by the marker; otherwise the template changed the
-    response (stripped it, cut a thinking block, ...) and ValueError names the sample."""
-    marked = rm_tokenizer.apply_chat_template([*chat, {"role": "assistant", "content": _MARKER}],
-                                              add_generation_prompt=False, tokenize=False)
-    parts = _strip_bos(marked, rm_tokenizer).split(_MARKER)
-    if len(parts) != 2 or parts[0] + response_text + parts[1] != rm_text:
-        raise ValueError(f"sample {sample}: the reward model's chat template does not reproduce the response "
-                         f"text verbatim, so its tokens cannot be matched to the policy's: response "
-                         f"{response_text[:80]!r}")
-    return len(parts[0])
-
-
 class REDRewardManager(RewardManagerBase):
     """verl reward manager: RED (``mode: red``) or the usual last-token score (``mode: sparse``) from a served
     reward model whose tokenizer may differ from the policy's.
@@ -243,25 +223,14 @@ class REDRewardManager(RewardManagerBase):
         valid = int(item.batch["attention_mask"][-responses.shape[-1]:].sum())
         ids = responses[:valid].tolist()
         rm_text = await self._rm_input(data)
-        eos = self.tokenizer.eos_token
-        response_text, policy_spans = policy_token_spans(self.tokenizer, ids, remove=[eos] if eos else [])
+        response_text, policy_spans = policy_response(self.tokenizer, ids)
         start = locate_response(self.reward_model_tokenizer, list(item.non_tensor_batch["raw_prompt"]),
                                 response_text, rm_text, sample=sample)
-        rm_ids, rm_spans = reward_model_token_spans(self.reward_model_tokenizer, rm_text, sample=sample)
+        text = reward_model_text(self.reward_model_tokenizer, rm_text, start, response_text, policy_spans,
+                                 sample=sample)
         scores = await self.scorer.score(rm_text, sample=sample)
-        if scores.numel() != len(rm_ids):
-            raise ValueError(f"sample {sample}: the reward model scored {scores.numel()} tokens but its tokenizer "
-                             f"makes {len(rm_ids)} of the text (a different tokenizer or truncation on the server)")
-        aligned = redistribute_across_tokenizers(scores, rm_spans, rm_text, response_text, policy_spans,
-                                                 response_start=start, baseline=self.settings["baseline"],
-                                                 sample=sample)
-        sparse = torch.zeros(valid, dtype=torch.float32)
-        if valid:
-            sparse[-1] = aligned.score
-        if self.settings["mode"] == "sparse":
-            row = sparse
-        else:
-            row = mix_rewards(aligned.token_rewards, sparse, float(self.settings["beta_c"]))
+        aligned = align_scores(text, scores, baseline=self.settings["baseline"], sample=sample)
+        row = reward_row(aligned, self.settings["mode"], float(self.settings["beta_c"]))
         return {"reward_score": row.tolist(),
                 "reward_extra_info": {"rm_score": aligned.score, "rm_baseline_score": aligned.baseline_score}}
 
