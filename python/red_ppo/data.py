@@ -6,11 +6,19 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from red_ppo.config import ConfigError, TrainerConfig
+
+
+@dataclass(frozen=True)
+class Prompt:
+    ids: list[int]                 # the policy's token ids of the prompt, exactly what the policy is fed
+    text: str                      # the prompt as text: the rendered chat (template applied) or the plain string
+    messages: list[dict] | None    # the conversation of a `messages` line ({role, content} dicts); None for a `prompt` line
 
 
 def read_prompt_texts(cfg: TrainerConfig) -> list[str]:
