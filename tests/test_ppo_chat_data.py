@@ -250,8 +250,9 @@ def test_a_chat_run_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setattr(red_ppo.trainer, "generate_rollout", recording)
     trainer.train()
     assert fed[0] == [p.ids for p in expected]
-    assert len(fed) == 3  # two training steps, then the final evaluation
-    assert sorted(fed[2]) == sorted(p.ids for p in trainer.eval_prompts)
+    # two training steps, then the final evaluation: the reference's responses to compare with, and the policy's
+    assert len(fed) == 4
+    assert sorted(fed[2]) == sorted(fed[3]) == sorted(p.ids for p in trainer.eval_prompts)
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2]
     assert rows[0]["data/prompts"] == 4 and rows[0]["data/dropped_too_long"] == 1

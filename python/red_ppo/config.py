@@ -24,6 +24,7 @@ __all__ = ["Config", "ConfigError", "TrainerConfig", "default_config_path", "des
            "parse_override", "to_dict", "validate", "validate_trainer"]
 
 BACKENDS = ("auto", "eager", "cpu", "triton", "cuda")
+REPORT_TO = ("tensorboard", "wandb")
 
 
 @dataclass
@@ -37,7 +38,8 @@ class ModelSource:
 
 @dataclass
 class RunConfig:
-    output_dir: str = doc("runs/ppo", "Run folder: metrics.jsonl, tb/, checkpoints/, final/, reward_curves.png.")
+    output_dir: str = doc("runs/ppo", "Run folder: metrics.jsonl, tb/, checkpoints/, samples/, final/, "
+                                      "reward_curves.png.")
     seed: int = doc(0, "Seed of every random number generator (models built from configs, sampling, shuffling).")
     total_steps: int = doc(100, "PPO iterations; each is one rollout batch followed by the PPO epochs on it.")
     save_every: int = doc(50, "Write a checkpoint every this many steps (0: only at the end).")
@@ -50,6 +52,11 @@ class RunConfig:
     deterministic: bool = doc(True, "Use deterministic algorithms, so that --resume reproduces a run bit for bit.")
     overwrite: bool = doc(False, "Allow starting a new run in an output_dir that already holds one.")
     progress: bool = doc(True, "Show a live progress bar on the console.")
+    report_to: list = doc(["tensorboard"], "Where the metrics go besides metrics.jsonl: a list of 'tensorboard' "
+                                           "(tb/) and 'wandb' (Weights & Biases, when installed); [none]: neither.")
+    wandb_project: str | None = doc(None, "The W&B project of report_to: [wandb] (null: 'red-ppo').")
+    sample_pages: int = doc(4, "At each evaluation, show this many samples' response tokens shaded by their RED "
+                               "reward in samples/step-NNNNNN.html (0: no page).")
 
 
 @dataclass
@@ -204,8 +211,11 @@ def validate_trainer(cfg: TrainerConfig) -> None:
     r, g, ro, rw, p, o = cfg.run, cfg.generation, cfg.rollout, cfg.reward, cfg.ppo, cfg.optim
     require(r.seed >= 0, "run.seed", "an integer >= 0", r.seed)
     require(r.total_steps >= 1, "run.total_steps", "an integer >= 1", r.total_steps)
-    for name in ("save_every", "eval_every", "eval_prompts", "num_threads"):
+    for name in ("save_every", "eval_every", "eval_prompts", "num_threads", "sample_pages"):
         require(getattr(r, name) >= 0, f"run.{name}", "an integer >= 0", getattr(r, name))
+    require(r.report_to in ([], ["none"]) or (all(name in REPORT_TO for name in r.report_to)
+                                               and len(set(r.report_to)) == len(r.report_to)),
+            "run.report_to", f"a list of distinct names from {list(REPORT_TO)}, or [none]", r.report_to)
     require(r.keep_checkpoints >= 1, "run.keep_checkpoints", "an integer >= 1", r.keep_checkpoints)
     require(r.device in ("cpu", "cuda", "auto") or re.fullmatch(r"cuda:\d+", r.device) is not None, "run.device",
             "'cpu', 'cuda', 'cuda:N' or 'auto'", r.device)

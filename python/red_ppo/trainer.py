@@ -1,5 +1,6 @@
 """The PPO trainer: rollout, sparse or RED rewards with a KL penalty, GAE, clipped PPO
-updates of the policy and the critic, checkpoints that resume exactly, and logging."""
+updates of the policy and the critic, checkpoints that resume exactly (with the policy as a
+Hugging Face folder beside each), evaluation with samples and a win rate, and logging."""
 
 from __future__ import annotations
 
@@ -26,18 +27,19 @@ from red_ppo.config import ConfigError, TrainerConfig, to_dict
 from red_ppo.data import Prompt, PromptSampler, load_prompts, split_prompts
 from red_ppo.gae import compute_gae
 from red_ppo.losses import explained_variance, policy_loss, token_mean, value_loss
-from red_ppo.metrics import MetricsLog
+from red_ppo.metrics import MetricsLog, import_wandb
 from red_ppo.models import Critic, build_model, check_resources, freeze, reward_model_tokenizer
 from red_ppo.rewards import apply_missing_eos_penalty, kl_per_token, make_kl_controller, masked_mean, \
-    mixed_rewards, shape_rewards, whiten
+    mixed_rewards, red_rewards, shape_rewards, whiten
 from red_ppo.rollout import Rollout, entropy_from_logits, gather_logprobs, generate_rollout, left_pad, \
     response_logits, reward_model_mask, rollout_logprobs
+from red_ppo.samples import drop_samples_after, token_texts, write_samples
 
 POSTFIX = (("score", "reward/score"), ("kl", "kl/sequence"), ("gt", "gt/score"))
 # Changing these between an interrupted run and its resumption does not change the results
 # (evaluation runs on its own RNG state); run.total_steps may grow when the schedule is constant.
 RESUMABLE_CHANGES = {"run.save_every", "run.keep_checkpoints", "run.progress", "run.overwrite", "run.output_dir",
-                     "run.eval_every"}
+                     "run.eval_every", "run.report_to", "run.wandb_project", "run.sample_pages"}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -83,6 +85,16 @@ def _flatten(data: dict, prefix: str = "") -> dict:
 
 
 RewardFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+Judge = Callable[[list[Prompt], list[str], list[str]], list[float]]
+
+
+def check_verdicts(verdicts, count: int) -> list[float]:
+    """A judge's answer: one number in [0, 1] per held-out prompt."""
+    if not (isinstance(verdicts, (list, tuple)) and len(verdicts) == count
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1 for v in verdicts)):
+        raise ValueError(f"judge: expected a list of {count} numbers in [0, 1] (one per held-out prompt; 1: the "
+                         f"policy's response wins), got {verdicts!r:.200}")
+    return [float(v) for v in verdicts]
 
 
 class PPOTrainer:
@@ -105,15 +117,24 @@ class PPOTrainer:
     A reward model with its own tokenizer (`red_ppo.models.reward_model_tokenizer`) reads each response as
     text, rendered with the conversation in its own chat template; its prefix scores are moved onto the
     policy's tokens (`red_kernels.cross_tokenizer`). ``tokenizer``, when given, is the policy's.
+
+    ``judge(prompts, responses, baseline_responses) -> verdicts`` is a second judge of each evaluation
+    besides the reward model's ``eval/win_rate``: given the held-out `Prompt`s, the policy's responses and
+    the initial policy's (as text), it returns one number in [0, 1] per prompt (1: the policy's response
+    wins; 0.5: a tie), logged as ``eval/judge_win_rate``.
     """
 
     def __init__(self, cfg: TrainerConfig, *, tokenizer=None,
                  sample_metrics: Callable[[list, list], dict] | None = None,
-                 reward_fn: RewardFn | None = None) -> None:
+                 reward_fn: RewardFn | None = None, judge: Judge | None = None) -> None:
         if reward_fn is not None and not callable(reward_fn):
             raise TypeError(f"reward_fn: expected a callable (input_ids, attention_mask, response_start) -> "
                             f"[B, T] scores, got {type(reward_fn).__name__}")
-        self.reward_fn = reward_fn
+        if judge is not None and not callable(judge):
+            raise TypeError(f"judge: expected a callable (prompts, responses, baseline_responses) -> a number in "
+                            f"[0, 1] per prompt, got {type(judge).__name__}")
+        import_wandb(cfg.run.report_to)  # a missing wandb fails here, before any model loads
+        self.reward_fn, self.judge = reward_fn, judge
         self.cfg = cfg
         self.out = Path(cfg.run.output_dir)
         self.device = resolve_device(cfg.run.device)
@@ -135,6 +156,8 @@ class PPOTrainer:
 
         prompts, self.data_counts = load_prompts(cfg, tokenizer)
         train_prompts, self.eval_prompts = split_prompts(prompts, cfg.run.eval_prompts, cfg.run.seed)
+        # The reference's responses to the held-out prompts and their scores: sampled at the first evaluation.
+        self.baseline: dict | None = None
         self.sampler = PromptSampler(train_prompts, cfg.run.seed)
         self.shuffle = torch.Generator().manual_seed(cfg.run.seed + 1)
 
@@ -408,30 +431,73 @@ class PPOTrainer:
             row.update(self.sample_metrics(rollout.prompt_lists(), rollout.response_lists()))
         return row
 
+    def _generate(self, model, prompts: list[Prompt]) -> list[tuple[list[Prompt], Rollout]]:
+        """``model``'s responses to ``prompts``, chunk by chunk, sampled with evaluation's fixed seed in a forked
+        RNG: the training RNG is untouched, and the reference's responses are the starting policy's."""
+        cfg, chunk = self.cfg, self.cfg.rollout.forward_batch_size
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        chunks = []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(cfg.run.seed + 2)
+            for start in range(0, len(prompts), chunk):
+                batch = prompts[start:start + chunk]
+                ids, mask = left_pad([p.ids for p in batch], self.pad_id, self.device)
+                chunks.append((batch, generate_rollout(model, ids, mask, cfg.generation, self.eos_id, self.pad_id)))
+        return chunks
+
+    @torch.no_grad()
+    def sample_baseline(self) -> dict:
+        """The reference's (by default the initial policy's) responses to the held-out prompts and their scores:
+        what ``eval/win_rate`` compares with. Sampled once, kept in checkpoints."""
+        responses, scores = [], []
+        for batch, rollout in self._generate(self.reference, self.eval_prompts):
+            scores.append(self.reward_scores(rollout, batch)[0].float().cpu())
+            responses += rollout.response_lists()
+        return {"responses": responses, "scores": torch.cat(scores)}
+
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Sample once per held-out prompt with a fixed seed, leaving the training RNG untouched."""
+        """Sample once per held-out prompt with a fixed seed, leaving the training RNG untouched; score the
+        responses, count how often they beat the reference's, and write ``samples/step-NNNNNN.*``."""
         cfg = self.cfg
         if not self.eval_prompts:
             return {}
-        devices = [self.device.index or 0] if self.device.type == "cuda" else []
-        scores, kls, lengths, prompts, responses = [], [], [], [], []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(cfg.run.seed + 2)
-            chunk = cfg.rollout.forward_batch_size
-            for start in range(0, len(self.eval_prompts), chunk):
-                batch = self.eval_prompts[start:start + chunk]
-                ids, mask = left_pad([p.ids for p in batch], self.pad_id, self.device)
-                rollout = generate_rollout(self.policy, ids, mask, cfg.generation, self.eos_id, self.pad_id)
-                logprobs = rollout_logprobs(self.policy, rollout, cfg.generation.temperature, chunk)
-                ref = rollout_logprobs(self.reference, rollout, cfg.generation.temperature, chunk)
-                scores.append(self.reward_scores(rollout, batch)[0])
-                kls.append((logprobs - ref).sum(1))
-                lengths.append(rollout.response_mask.sum(1))
-                prompts += rollout.prompt_lists()
-                responses += rollout.response_lists()
-        row = {"eval/score": torch.cat(scores).mean().item(), "eval/kl_sequence": torch.cat(kls).mean().item(),
-               "eval/response_length": torch.cat(lengths).mean().item()}
+        if self.baseline is None:
+            self.baseline = self.sample_baseline()
+        chunk = cfg.rollout.forward_batch_size
+        scores, kls, lengths, prompts, responses, token_rewards = [], [], [], [], [], []
+        for batch, rollout in self._generate(self.policy, self.eval_prompts):
+            logprobs = rollout_logprobs(self.policy, rollout, cfg.generation.temperature, chunk)
+            ref = rollout_logprobs(self.reference, rollout, cfg.generation.temperature, chunk)
+            part_scores, part_token_rewards = self.reward_scores(rollout, batch)
+            scores.append(part_scores.float().cpu())
+            kls.append((logprobs - ref).sum(1))
+            lengths.append(rollout.response_mask.sum(1))
+            prompts += rollout.prompt_lists()
+            chunk_responses = rollout.response_lists()
+            responses += chunk_responses
+            response_rewards = red_rewards(part_token_rewards, rollout.prompt_width, rollout.response_mask).cpu()
+            token_rewards += [row[:len(r)].tolist() for row, r in zip(response_rewards, chunk_responses)]
+        scores = torch.cat(scores)
+        baseline = self.baseline["scores"]
+        wins = (scores > baseline).float() + 0.5 * (scores == baseline).float()  # a tie counts half
+        row = {"eval/score": scores.mean().item(), "eval/kl_sequence": torch.cat(kls).mean().item(),
+               "eval/response_length": torch.cat(lengths).mean().item(), "eval/win_rate": wins.mean().item()}
+        texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in responses]
+        baseline_texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in self.baseline["responses"]]
+        records = [{"prompt": p.text, "response": text, "score": score, "baseline_response": baseline_text,
+                    "baseline_score": baseline_score, "win": win}
+                   for p, text, score, baseline_text, baseline_score, win
+                   in zip(self.eval_prompts, texts, scores.tolist(), baseline_texts, baseline.tolist(), wins.tolist())]
+        if self.judge is not None:
+            verdicts = check_verdicts(self.judge(list(self.eval_prompts), texts, baseline_texts), len(texts))
+            row["eval/judge_win_rate"] = sum(verdicts) / len(verdicts)
+            for record, verdict in zip(records, verdicts):
+                record["judge"] = verdict
+        pages = [{"prompt": p.text, "tokens": token_texts(self.tokenizer, r), "rewards": rewards, "score": score}
+                 for p, r, rewards, score in zip(self.eval_prompts[:cfg.run.sample_pages], responses, token_rewards,
+                                                 scores.tolist())]
+        write_samples(self.out / "samples", self.step, records, pages)
         if self.sample_metrics is not None:
             row.update({f"eval/{k}": v for k, v in self.sample_metrics(prompts, responses).items()})
         return row
@@ -446,7 +512,7 @@ class PPOTrainer:
             "schedulers": {k: v.state_dict() for k, v in self.schedulers.items()},
             "kl_controller": self.kl_controller.state_dict(), "sampler": self.sampler.state_dict(),
             "shuffle": self.shuffle.get_state(), "rng": ckpt.rng_state(),
-            "threads": torch.get_num_threads(),
+            "threads": torch.get_num_threads(), "baseline": self.baseline,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -469,16 +535,16 @@ class PPOTrainer:
         self.shuffle.set_state(state["shuffle"])
         ckpt.restore_rng_state(state["rng"])
         self.step, self.samples = state["step"], state["samples"]
+        self.baseline = state.get("baseline")  # absent from checkpoints of older versions: sampled again
 
     def save(self) -> Path:
         self.last_checkpoint = ckpt.save_checkpoint(self.out / "checkpoints", self.step, self.state_dict(),
-                                                    self.cfg.run.keep_checkpoints)
+                                                    self.cfg.run.keep_checkpoints, (self.policy, self.tokenizer))
         return self.last_checkpoint
 
     def save_final(self) -> None:
         folder = self.out / "final"
-        self.policy.save_pretrained(folder / "policy")
-        self.tokenizer.save_pretrained(folder / "policy")
+        ckpt.save_pretrained_atomic(folder / "policy", self.policy, self.tokenizer)
         ckpt.atomic_save(self.critic.state_dict(), folder / "critic.pt")
 
     # ------------------------------------------------------------------ the loop
@@ -490,12 +556,13 @@ class PPOTrainer:
                 raise ConfigError(f"--resume: expected a checkpoint in {self.out / 'checkpoints'}, found none")
             self.load_state_dict(ckpt.load_checkpoint(path))
             self.last_checkpoint = path
+            drop_samples_after(self.out / "samples", self.step)
             return self.step
         if (self.out / "metrics.jsonl").exists() or (self.out / "checkpoints").exists():
             if not self.cfg.run.overwrite:
                 raise ConfigError(f"run.output_dir: expected a folder without a previous run, got {str(self.out)!r} "
                                   f"which holds one; continue it with --resume or set run.overwrite=true")
-            for name in ("checkpoints", "tb", "final"):
+            for name in ("checkpoints", "tb", "samples", "final"):
                 shutil.rmtree(self.out / name, ignore_errors=True)
         self.out.mkdir(parents=True, exist_ok=True)
         return None
@@ -513,7 +580,7 @@ class PPOTrainer:
         cfg = self.cfg
         resume_step = self._prepare_folder(resume)
         (self.out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        log = MetricsLog(self.out, resume_step)
+        log = MetricsLog(self.out, resume_step, cfg.run.report_to, to_dict(cfg), cfg.run.wandb_project)
         handlers = {}
         if threading.current_thread() is threading.main_thread():
             handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
