@@ -34,17 +34,21 @@ RESPONSES = [(" Two plus two is four.", True), (" Because of Rayleigh scattering
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is two plus two?"}]
 
 
-def folders(tmp_path, policy=None):
-    """The policy's and the reward model's tokenizers saved to folders, and a prompt file."""
+def folders(tmp_path, policy=None, chat_lines=False):
+    """The policy's and the reward model's tokenizers saved to folders, and a prompt file (with ``chat_lines``,
+    every other prompt a conversation under ``messages``)."""
     (policy or policy_tokenizer()).save_pretrained(tmp_path / "policy-tokenizer")
     rm_tokenizer().save_pretrained(tmp_path / "rm-tokenizer")
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    lines = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": p}]}
+             if chat_lines and i % 2 else {"prompt": p} for i, p in enumerate(PROMPTS)]
+    prompts.write_text("".join(json.dumps(line) + "\n" for line in lines))
     return str(tmp_path / "policy-tokenizer"), str(tmp_path / "rm-tokenizer"), str(prompts)
 
 
-def cross_config(tmp_path, name="run", rm_tokenizer_folder=True, policy_tokenizer_object=None, **sections):
-    policy, rm, prompts = folders(tmp_path, policy_tokenizer_object)
+def cross_config(tmp_path, name="run", rm_tokenizer_folder=True, policy_tokenizer_object=None, chat_lines=False,
+                 **sections):
+    policy, rm, prompts = folders(tmp_path, policy_tokenizer_object, chat_lines)
     reward_model = {"config": dict(TINY_MODEL), "tokenizer": rm if rm_tokenizer_folder else None}
     return tiny_config(
         {"run": {"output_dir": str(tmp_path / name), "total_steps": 2, "save_every": 0, "eval_every": 0,
@@ -220,7 +224,10 @@ def test_critic_from_the_reward_model_is_refused_before_any_model_loads(tmp_path
 
 
 def test_a_run_trains_with_its_own_reward_tokenizer_and_resumes_exactly(tmp_path):
-    settings = {"reward": {"mode": "red", "beta_c": 0.5}, "run": {"total_steps": 3, "eval_every": 1}}
+    # everything issue 24 added at once: chat lines, the reward model's own tokenizer, Hugging Face folders at
+    # every checkpoint, samples and their pages at every evaluation, the win rate
+    settings = {"reward": {"mode": "red", "beta_c": 0.5}, "chat_lines": True,
+                "run": {"total_steps": 3, "eval_every": 1, "save_every": 1, "sample_pages": 2}}
     whole = make_trainer(cross_config(tmp_path, "whole", **settings))
     # the critic starts from the policy's backbone with a zero head
     policy_backbone = whole.policy.model.state_dict()
@@ -245,3 +252,13 @@ def test_a_run_trains_with_its_own_reward_tokenizer_and_resumes_exactly(tmp_path
     final = ckpt.load_checkpoint(tmp_path / "whole" / "checkpoints" / "step-000003.pt")
     for name, tensor in resumed.policy.state_dict().items():
         assert torch.equal(tensor, final["policy"][name]), name
+    assert any(p.messages is not None for p in whole.sampler.prompts + whole.eval_prompts)
+    assert all(math.isfinite(r["eval/win_rate"]) for r in a)
+    written = sorted(p.name for p in (tmp_path / "whole" / "samples").iterdir())
+    assert "step-000003.html" in written and written == sorted(p.name for p in (tmp_path / "parts" / "samples").iterdir())
+    for name in written:
+        assert (tmp_path / "whole" / "samples" / name).read_bytes() == \
+            (tmp_path / "parts" / "samples" / name).read_bytes(), name
+    for name in ("model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / "whole" / "checkpoints" / "step-000003-hf" / name).read_bytes() == \
+            (tmp_path / "parts" / "checkpoints" / "step-000003-hf" / name).read_bytes(), name
