@@ -32,8 +32,8 @@ SHORT = {
 }
 
 
-def lora_run(tmp_path, name="run", critic=False, **sections) -> dict:
-    lora = {"model": {"lora": {"r": 4, "alpha": 8.0, "critic": critic}}}
+def lora_run(tmp_path, name="run", critic=False, targets="all-linear", **sections) -> dict:
+    lora = {"model": {"lora": {"r": 4, "alpha": 8.0, "target_modules": targets, "critic": critic}}}
     return tiny_config(SHORT, lora, {"run": {"output_dir": str(tmp_path / name)}}, sections)
 
 
@@ -50,7 +50,8 @@ def eval_rollout(trainer):
 
 @needs_peft
 def test_the_reference_is_the_base_model_before_and_after_training(tmp_path):
-    trainer = PPOTrainer(load_config(base=lora_run(tmp_path)))
+    # lm_head adapted too ('all-linear' leaves the output layer out), for the output layer's check below
+    trainer = PPOTrainer(load_config(base=lora_run(tmp_path, targets=["q_proj", "v_proj", "down_proj", "lm_head"])))
     assert list(trainer.reference.parameters()) == []  # a view of the policy, no second copy
     base = base_policy(trainer)
     rollout = eval_rollout(trainer)
@@ -64,6 +65,15 @@ def test_the_reference_is_the_base_model_before_and_after_training(tmp_path):
     assert not torch.equal(rollout_logprobs(trainer.policy, rollout, temperature, 8), expected)
     assert torch.equal(rollout_logprobs(trainer.reference, rollout, temperature, 8), expected)
     assert history[-1]["kl/sequence"] != 0.0
+    # The entry points of log-probs computed through lm_head in chunks: decoder and output layer.
+    inputs = {"input_ids": rollout.input_ids, "attention_mask": rollout.attention_mask}
+    with torch.no_grad():
+        hidden = base.get_decoder()(**inputs)[0]
+        assert torch.equal(trainer.reference.get_decoder()(**inputs)[0], hidden)
+        assert not torch.equal(trainer.policy.get_decoder()(**inputs)[0], hidden)
+        head = base.get_output_embeddings()(hidden)
+        assert torch.equal(trainer.reference.get_output_embeddings()(hidden), head)
+        assert not torch.equal(trainer.policy.get_output_embeddings()(hidden), head)
 
 
 @needs_peft

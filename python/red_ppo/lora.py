@@ -42,8 +42,9 @@ def add_adapters(policy: nn.Module, critic: nn.Module, lora: LoraConfig) -> nn.M
 
 
 class AdapterFreeReference(nn.Module):
-    """The frozen reference as a view of the policy: its forward is the policy's with the adapters
-    switched off (peft's ``disable_adapter``), which is exactly the base model's forward."""
+    """The frozen reference as a view of the policy: its forward, and the decoder and output layer that
+    chunked log-probs call, are the policy's run with its adapters switched off (peft's
+    ``disable_adapter``), which is exactly the base model."""
 
     def __init__(self, policy: nn.Module) -> None:
         super().__init__()
@@ -51,8 +52,24 @@ class AdapterFreeReference(nn.Module):
         object.__setattr__(self, "policy", policy)
 
     def forward(self, *args, **kwargs):
+        return WithAdaptersOff(self.policy, self.policy)(*args, **kwargs)
+
+    def get_decoder(self) -> "WithAdaptersOff":
+        return WithAdaptersOff(self.policy, self.policy.get_decoder())
+
+    def get_output_embeddings(self) -> "WithAdaptersOff":
+        return WithAdaptersOff(self.policy, self.policy.get_output_embeddings())
+
+
+class WithAdaptersOff:
+    """``module`` (a part of ``policy``) called with ``policy``'s adapters switched off."""
+
+    def __init__(self, policy: nn.Module, module: nn.Module) -> None:
+        self.policy, self.module = policy, module
+
+    def __call__(self, *args, **kwargs):
         with self.policy.disable_adapter():
-            return self.policy(*args, **kwargs)
+            return self.module(*args, **kwargs)
 
 
 def save_adapters_and_merged(policy: nn.Module, adapter_folder: Path, merged_folder: Path) -> None:
