@@ -56,7 +56,9 @@ class RunConfig:
 class LoraConfig:
     r: int = doc(8, "Rank of each adapter (>= 1).")
     alpha: float = doc(16.0, "Adapter scale numerator: an adapter's output is multiplied by alpha / r (> 0).")
-    dropout: float = doc(0.0, "Dropout on the adapters' input, in [0, 1) (active only in training mode).")
+    dropout: float = doc(0.0, "Dropout on the adapters' input, in [0, 1). peft applies it in training mode only, "
+                              "and red_ppo runs its models in eval mode (no dropout: the PPO ratio starts at 1), "
+                              "so it has no effect here (it is written to adapter_config.json).")
     target_modules: list[str] | str = doc("all-linear", "The modules given adapters: a list of names (module name "
                                                         "suffixes such as q_proj, v_proj) or 'all-linear' (every "
                                                         "linear layer but the output layer).")
