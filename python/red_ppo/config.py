@@ -60,6 +60,20 @@ class RunConfig:
 
 
 @dataclass
+class LoraConfig:
+    r: int = doc(8, "Rank of each adapter (>= 1).")
+    alpha: float = doc(16.0, "Adapter scale numerator: an adapter's output is multiplied by alpha / r (> 0).")
+    dropout: float = doc(0.0, "Dropout on the adapters' input, in [0, 1). peft applies it in training mode only, "
+                              "and red_ppo runs its models in eval mode (no dropout: the PPO ratio starts at 1), "
+                              "so it has no effect here (it is written to adapter_config.json).")
+    target_modules: list[str] | str = doc("all-linear", "The modules given adapters: a list of names (module name "
+                                                        "suffixes such as q_proj, v_proj) or 'all-linear' (every "
+                                                        "linear layer but the output layer).")
+    critic: bool = doc(False, "Adapters on the critic's backbone too (its value head stays fully trained); false: "
+                              "the critic is trained in full.")
+
+
+@dataclass
 class ModelConfig:
     tokenizer: str | None = doc(None, "The policy's tokenizer (directory, hub id or 'synthetic'); null: policy.path.")
     policy: ModelSource = doc(ModelSource(), "The policy, an AutoModelForCausalLM.")
@@ -77,6 +91,10 @@ class ModelConfig:
         "start when the reward model has its own tokenizer: the critic reads the policy's tokens).")
     dtype: Literal["float32", "bfloat16", "float16"] = doc("float32", "Dtype of all four models.")
     attn_implementation: str | None = doc("sdpa", "attn_implementation passed to transformers (null: its default).")
+    lora: LoraConfig | None = doc(None, "LoRA adapters (needs peft: pip install 'red-kernels[lora]'): only adapters "
+                                        "are trained, the reference is the policy with its adapters switched off "
+                                        "(model.reference must be null), and final/ holds the adapters and the "
+                                        "merged weights. Null: full fine-tuning.")
 
 
 @dataclass
@@ -275,6 +293,8 @@ def _validate_models(cfg: TrainerConfig) -> None:
         if source.config is not None:
             require(isinstance(source.config.get("model_type"), str), f"{key}.config.model_type",
                     "a transformers model type such as 'llama'", source.config.get("model_type"))
+    if m.lora is not None:
+        _validate_lora(m)
     if m.tokenizer is None and m.policy.path is None:
         raise ConfigError("model.tokenizer: expected a tokenizer (directory, hub id or 'synthetic') because "
                           "model.policy is built from a config, got null")
@@ -287,3 +307,16 @@ def _validate_models(cfg: TrainerConfig) -> None:
     if cfg.data.source == "synthetic":
         require(m.tokenizer == "synthetic", "model.tokenizer",
                 "'synthetic' when data.source='synthetic'", m.tokenizer)
+
+
+def _validate_lora(m: ModelConfig) -> None:
+    lora = m.lora
+    require(lora.r >= 1, "model.lora.r", "an integer >= 1", lora.r)
+    require(lora.alpha > 0, "model.lora.alpha", "a number > 0", lora.alpha)
+    require(0 <= lora.dropout < 1, "model.lora.dropout", "a number in [0, 1)", lora.dropout)
+    targets = lora.target_modules
+    require(targets == "all-linear" or (isinstance(targets, list) and len(targets) > 0 and all(targets)),
+            "model.lora.target_modules", "a non-empty list of module names or 'all-linear'", targets)
+    require(m.reference is None, "model.reference",
+            "null with model.lora (the reference is the policy with its adapters switched off)",
+            to_dict(m.reference) if m.reference is not None else None)

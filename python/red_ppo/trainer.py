@@ -26,6 +26,7 @@ from red_ppo import checkpoint as ckpt
 from red_ppo.config import ConfigError, TrainerConfig, to_dict
 from red_ppo.data import Prompt, PromptSampler, load_prompts, split_prompts
 from red_ppo.gae import compute_gae
+from red_ppo.lora import AdapterFreeReference, add_adapters, require_peft, save_adapters_and_merged
 from red_ppo.losses import explained_variance, policy_loss, token_mean, value_loss
 from red_ppo.metrics import MetricsLog, import_wandb
 from red_ppo.models import Critic, build_model, check_resources, freeze, reward_model_tokenizer
@@ -138,6 +139,8 @@ class PPOTrainer:
         self.cfg = cfg
         self.out = Path(cfg.run.output_dir)
         self.device = resolve_device(cfg.run.device)
+        if cfg.model.lora is not None:
+            require_peft()
         if tokenizer is None:
             tokenizer, rm_tokenizer = check_resources(cfg)
         else:
@@ -164,10 +167,10 @@ class PPOTrainer:
         seed_everything(cfg.run.seed)
         m = cfg.model
         self.policy = build_model(m.policy, tokenizer, "causal_lm", cfg).to(self.device).eval()
-        if m.reference is None:
-            self.reference = freeze(copy.deepcopy(self.policy))
-        else:
+        if m.reference is not None:
             self.reference = freeze(build_model(m.reference, tokenizer, "causal_lm", cfg).to(self.device))
+        elif m.lora is None:
+            self.reference = freeze(copy.deepcopy(self.policy))
         self.reward_model = freeze(build_model(m.reward_model, rm_tokenizer or tokenizer, "seq_cls", cfg)
                                    .to(self.device))
         if m.critic_init in ("reward_model", "reward_model_zero_head"):
@@ -177,12 +180,16 @@ class PPOTrainer:
             self.critic = Critic.from_policy(self.policy, cfg.reward.backend)
         self.critic.requires_grad_(True)
         self.critic.to(self.device).eval()
+        if m.lora is not None:  # after the critic, which copies the policy's backbone without adapters
+            self.policy = add_adapters(self.policy, self.critic, m.lora)
+            self.reference = AdapterFreeReference(self.policy)
 
         o = cfg.optim
         updates = cfg.run.total_steps * cfg.ppo.epochs * (cfg.rollout.batch_size // cfg.ppo.minibatch_size)
         self.optimizers, self.schedulers = {}, {}
         for name, model, lr in (("policy", self.policy, o.policy_lr), ("critic", self.critic, o.critic_lr)):
-            opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+            trained = [q for q in model.parameters() if q.requires_grad]  # with LoRA: adapters and value head
+            opt = torch.optim.AdamW(trained, lr=lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
             self.optimizers[name] = opt
             schedule = lr_lambda(o.warmup_steps, updates, o.schedule)
             self.schedulers[name] = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
@@ -544,7 +551,11 @@ class PPOTrainer:
 
     def save_final(self) -> None:
         folder = self.out / "final"
-        ckpt.save_pretrained_atomic(folder / "policy", self.policy, self.tokenizer)
+        if self.cfg.model.lora is None:
+            ckpt.save_pretrained_atomic(folder / "policy", self.policy, self.tokenizer)
+        else:
+            save_adapters_and_merged(self.policy, folder / "policy_adapter", folder / "policy")
+            self.tokenizer.save_pretrained(folder / "policy")
         ckpt.atomic_save(self.critic.state_dict(), folder / "critic.pt")
 
     # ------------------------------------------------------------------ the loop

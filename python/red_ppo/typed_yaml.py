@@ -55,11 +55,27 @@ def _show(value: Any) -> str:
     return f"{type(value).__name__} {value!r}"
 
 
+def _expected(tp: Any) -> str:
+    """What a message says a value of the field type ``tp`` must be."""
+    if typing.get_origin(tp) is list:
+        return f"a list (each {_expected(typing.get_args(tp)[0])})"
+    return PLAIN_TYPES[tp][0]
+
+
 def _coerce(tp: Any, value: Any, key: str) -> Any:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType) and len(args) == 2 and type(None) in args:  # ``X | None``
-        inner = args[0] if args[1] is type(None) else args[1]
-        return None if value is None else _coerce(inner, value, key)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        members = [a for a in args if a is not type(None)]
+        if len(members) == 1:  # ``X | None``
+            return _coerce(members[0], value, key)
+        for member in members:  # ``list[str] | str``: the first member the value fits
+            try:
+                return _coerce(member, value, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: expected {' or '.join(_expected(m) for m in members)}, got {_show(value)}")
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{key}: expected one of {list(args)}, got {_show(value)}")
@@ -73,6 +89,10 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         if not ok(value):
             raise ConfigError(f"{key}: expected {expected}, got {_show(value)}")
         return tp(value)  # ints become floats, and mappings and lists are copied
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected {_expected(tp)}, got {_show(value)}")
+        return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{key}: expected a list of {len(args)} numbers, got {_show(value)}")
