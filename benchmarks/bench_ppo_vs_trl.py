@@ -94,8 +94,8 @@ DIFFERENT = [
     "(trainer._micro_step; ppo.entropy_coef is 0 here)",
     "TRL scores with get_reward (backbone + head at every position, then the last); red_ppo with score_prefixes "
     "(backbone once, the fused op for every prefix score and the RED token rewards)",
-    "TRL truncates the response after the stop token for scoring only and keeps sampling to response_length; "
-    "red_ppo masks everything after the first EOS",
+    "after the first EOS: red_ppo masks the rest of the response everywhere; TRL pads it for scoring and masks it "
+    "in the loss, its value mask one position longer (padding_mask_p1)",
     "the prompts are the same set in another order (TRL's dataloader shuffles with its own generator)",
 ]
 
