@@ -61,8 +61,11 @@ $(TRL_VENV)/.installed: $(STAMP)
 	$(TRL_VENV)/bin/python -m pip install -q "$$($(PY) -c 'import torch; print("torch==" + torch.__version__.split("+")[0])')" "trl==1.12.0"
 	touch $@
 
+# Then red_ppo against TRL's PPOTrainer on the same tiny models in CI's quick mode (benchmarks/bench_ppo_vs_trl.py:
+# both run, finite numbers; nothing about speed asserted; docs/benchmarks.md has the full run's numbers).
 test-trl: install $(TRL_VENV)/.installed
 	PYTHONPATH=$(CURDIR) TRL_EXPERIMENTAL_SILENCE=1 $(TRL_VENV)/bin/python scripts/trl_ppo_swap.py
+	$(PY) benchmarks/bench_ppo_vs_trl.py --quick --red-python $(CURDIR)/$(PY) --trl-python $(CURDIR)/$(TRL_VENV)/bin/python
 
 # The metadata builds with the oldest setuptools setup.py accepts (77) and the newest, both with
 # --no-build-isolation as above; older ones are refused with a message naming the minimum. And the in-place
@@ -73,7 +76,9 @@ check-setuptools: install
 
 # On a GPU machine, with its own python3 (torch, triton, pytest there; no venv, no pip): build the
 # extension in place for sm_90, run the GPU tests, the CUDA tests again under compute-sanitizer's
-# memcheck, racecheck and synccheck when it is on PATH, the GPU benchmark, then red-kernels-check.
+# memcheck, racecheck and synccheck when it is on PATH, the GPU benchmark, red-kernels-check, then a short red_ppo
+# run on CUDA (tests/test_ppo_recipe.py -m gpu: the one-GPU recipe with tiny random models, chat prompts, a reward
+# model with its own tokenizer, bf16 autocast, checkpointing; 3 steps, no tensorboard or matplotlib needed).
 # Sized for one 10-minute run on an H100 (each sanitizer pass is capped at SANITIZE_TIMEOUT seconds).
 GPU_PYTHON ?= python3
 SANITIZE_TIMEOUT ?= 80
@@ -81,7 +86,7 @@ GPU_ENV := PYTHONPATH=$(CURDIR):$(CURDIR)/python RED_KERNELS_EXPECT_EXTENSION=1
 test-gpu:
 	TORCH_CUDA_ARCH_LIST=$${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=$${GPU_MAX_JOBS:-16} RED_KERNELS_FORCE_CUDA=1 \
 		$(GPU_PYTHON) setup.py -q build_ext --inplace
-	$(GPU_ENV) $(GPU_PYTHON) -m pytest tests -q -p no:cacheprovider -m gpu
+	$(GPU_ENV) $(GPU_PYTHON) -m pytest tests -q -p no:cacheprovider -m gpu --ignore=tests/test_ppo_recipe.py
 	if command -v compute-sanitizer >/dev/null; then \
 		for tool in memcheck racecheck synccheck; do \
 			echo "compute-sanitizer --tool $$tool"; \
@@ -93,6 +98,7 @@ test-gpu:
 	else echo "compute-sanitizer not on PATH: sanitizer passes skipped"; fi
 	$(GPU_ENV) $(GPU_PYTHON) benchmarks/bench_op_gpu.py --B 8 32 --T 1024 --H 2048 8192
 	$(GPU_ENV) $(GPU_PYTHON) -m red_kernels.check --devices cuda:0 --bench-seconds 20
+	$(GPU_ENV) $(GPU_PYTHON) -m pytest tests/test_ppo_recipe.py -q -p no:cacheprovider -m gpu
 
 demo: install
 	$(BIN)/red-ppo demo
