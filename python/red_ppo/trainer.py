@@ -3,6 +3,7 @@ updates of the policy and the critic, checkpoints that resume exactly, and loggi
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import random
@@ -26,11 +27,12 @@ from red_ppo.data import PromptSampler, load_prompts, split_prompts
 from red_ppo.gae import compute_gae
 from red_ppo.losses import explained_variance, policy_loss, token_mean, value_loss
 from red_ppo.metrics import MetricsLog
-from red_ppo.models import Critic, build_model, check_resources, freeze
+from red_ppo.models import Critic, build_model, check_resources, checkpointing, enable_checkpointing, freeze, \
+    model_dtypes
 from red_ppo.rewards import apply_missing_eos_penalty, kl_per_token, make_kl_controller, masked_mean, \
     mixed_rewards, shape_rewards, whiten
-from red_ppo.rollout import Rollout, entropy_from_logits, gather_logprobs, generate_rollout, left_pad, \
-    response_logits, reward_model_mask, rollout_logprobs
+from red_ppo.rollout import Rollout, autocast, generate_rollout, left_pad, response_logprobs, reward_model_mask, \
+    rollout_logprobs
 
 POSTFIX = (("score", "reward/score"), ("kl", "kl/sequence"), ("gt", "gt/score"))
 # Changing these between an interrupted run and its resumption does not change the results
@@ -131,19 +133,29 @@ class PPOTrainer:
 
         seed_everything(cfg.run.seed)
         m = cfg.model
+        # Trained models: float32 weights, forward under autocast in their dtype. Frozen models: in their dtype,
+        # on the CPU between scoring phases with model.offload_frozen.
+        self.dtypes = model_dtypes(cfg)
+        self.frozen_home = torch.device("cpu") if m.offload_frozen else self.device
         self.policy = build_model(m.policy, tokenizer, "causal_lm", cfg).to(self.device).eval()
         if m.reference is None:
-            self.reference = freeze(copy.deepcopy(self.policy))
+            self.reference = freeze(copy.deepcopy(self.policy).to(self.frozen_home, self.dtypes["reference"]))
         else:
-            self.reference = freeze(build_model(m.reference, tokenizer, "causal_lm", cfg).to(self.device))
-        self.reward_model = freeze(build_model(m.reward_model, tokenizer, "seq_cls", cfg).to(self.device))
+            self.reference = freeze(build_model(m.reference, tokenizer, "causal_lm", cfg, self.dtypes["reference"])
+                                    .to(self.frozen_home))
+        self.reward_model = freeze(build_model(m.reward_model, tokenizer, "seq_cls", cfg))
         if m.critic_init in ("reward_model", "reward_model_zero_head"):
             self.critic = Critic.from_reward_model(self.reward_model, cfg.reward.backend,
                                                    zero_head=m.critic_init == "reward_model_zero_head")
         else:
             self.critic = Critic.from_policy(self.policy, cfg.reward.backend)
+        self.reward_model.to(self.frozen_home, self.dtypes["reward_model"])
         self.critic.requires_grad_(True)
         self.critic.to(self.device).eval()
+        self.critic.autocast_dtype = self.dtypes["critic"]
+        if m.gradient_checkpointing:
+            enable_checkpointing(self.policy)
+            enable_checkpointing(self.critic.backbone)
 
         o = cfg.optim
         updates = cfg.run.total_steps * cfg.ppo.epochs * (cfg.rollout.batch_size // cfg.ppo.minibatch_size)
@@ -206,9 +218,10 @@ class PPOTrainer:
     @torch.no_grad()
     def make_experience(self, rollout: Rollout) -> dict:
         cfg, mask = self.cfg, rollout.response_mask
-        temperature, chunk = cfg.generation.temperature, cfg.rollout.forward_batch_size
-        logprobs = rollout_logprobs(self.policy, rollout, temperature, chunk)
-        ref_logprobs = rollout_logprobs(self.reference, rollout, temperature, chunk)
+        temperature, chunk, lp_chunk = cfg.generation.temperature, cfg.rollout.forward_batch_size, \
+            cfg.rollout.logprob_chunk
+        logprobs = rollout_logprobs(self.policy, rollout, temperature, chunk, lp_chunk, self.dtypes["policy"])
+        ref_logprobs = rollout_logprobs(self.reference, rollout, temperature, chunk, lp_chunk)
         scores, token_rewards, values = self.score_rollout(rollout)
         rm_rewards = mixed_rewards(cfg.reward.mode, scores, token_rewards, rollout.prompt_width, mask,
                                    cfg.reward.beta_c)
@@ -250,7 +263,27 @@ class PPOTrainer:
                 f"step {self.step + 1}: the {name} is {value.item()}, not finite; the run stopped before updating "
                 f"the models with it, and {where}")
 
+    @contextlib.contextmanager
+    def frozen_on_device(self):
+        """With model.offload_frozen, the reference and reward model on run.device for the block, then back on
+        the CPU; without it, nothing (they stay on run.device)."""
+        frozen = (self.reference, self.reward_model)
+        if not self.cfg.model.offload_frozen:
+            yield
+            return
+        for model in frozen:
+            model.to(self.device)
+        try:
+            yield
+        finally:
+            for model in frozen:
+                model.to(self.frozen_home)
+
     def ppo_update(self, rollout: Rollout, exp: dict) -> dict:
+        with checkpointing(self.policy, self.critic):
+            return self._ppo_epochs(rollout, exp)
+
+    def _ppo_epochs(self, rollout: Rollout, exp: dict) -> dict:
         p = self.cfg.ppo
         B = rollout.response_mask.shape[0]
         totals: dict[str, float] = {}  # per minibatch: losses and gradient norms
@@ -308,13 +341,16 @@ class PPOTrainer:
         """Backward of one micro-batch, its token sums divided by the minibatch's ``tokens``."""
         p = self.cfg.ppo
         mask = part.response_mask
-        logits = response_logits(self.policy, part.input_ids, part.attention_mask, part.prompt_width,
-                                 self.cfg.generation.temperature)
-        logprobs = gather_logprobs(logits, part.responses)
-        entropy = token_mean(entropy_from_logits(logits), mask, tokens)
+        with autocast(self.device, self.dtypes["policy"]):
+            # No entropy graph when its coefficient is 0: the entropy is then only logged.
+            logprobs, entropies = response_logprobs(self.policy, part.input_ids, part.attention_mask,
+                                                    part.prompt_width, self.cfg.generation.temperature,
+                                                    self.cfg.rollout.logprob_chunk,
+                                                    entropy="grad" if p.entropy_coef else "value")
+        entropy = token_mean(entropies, mask, tokens)
         pg_loss, pg_stats = policy_loss(logprobs, exp["logprobs"][index], exp["advantages"][index], mask,
                                         p.clip_range, tokens)
-        loss = pg_loss - p.entropy_coef * entropy
+        loss = pg_loss - p.entropy_coef * entropy if p.entropy_coef else pg_loss
         self._check_finite("policy loss", pg_loss)
         values = self.critic(part.input_ids, part.attention_mask, part.prompt_width, mask.shape[1]).float()
         vf_loss, vf_stats = value_loss(values, exp["values"][index], exp["returns"][index], mask, p.value_clip_range,
@@ -334,9 +370,11 @@ class PPOTrainer:
         t0 = time.perf_counter()
         prompts = self.sampler.next_batch(cfg.rollout.batch_size)
         prompt_ids, prompt_mask = left_pad([p.ids for p in prompts], self.pad_id, self.device)
-        rollout = generate_rollout(self.policy, prompt_ids, prompt_mask, cfg.generation, self.eos_id, self.pad_id)
+        rollout = generate_rollout(self.policy, prompt_ids, prompt_mask, cfg.generation, self.eos_id, self.pad_id,
+                                   self.dtypes["policy"])
         t1 = time.perf_counter()
-        exp = self.make_experience(rollout)
+        with self.frozen_on_device():
+            exp = self.make_experience(rollout)
         t2 = time.perf_counter()
         update = self.ppo_update(rollout, exp)
         t3 = time.perf_counter()
@@ -362,15 +400,18 @@ class PPOTrainer:
             return {}
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
         scores, kls, lengths, prompts, responses = [], [], [], [], []
-        with torch.random.fork_rng(devices=devices):
+        with torch.random.fork_rng(devices=devices), self.frozen_on_device():
             torch.manual_seed(cfg.run.seed + 2)
             chunk = cfg.rollout.forward_batch_size
             for start in range(0, len(self.eval_prompts), chunk):
                 ids, mask = left_pad([p.ids for p in self.eval_prompts[start:start + chunk]], self.pad_id,
                                      self.device)
-                rollout = generate_rollout(self.policy, ids, mask, cfg.generation, self.eos_id, self.pad_id)
-                logprobs = rollout_logprobs(self.policy, rollout, cfg.generation.temperature, chunk)
-                ref = rollout_logprobs(self.reference, rollout, cfg.generation.temperature, chunk)
+                rollout = generate_rollout(self.policy, ids, mask, cfg.generation, self.eos_id, self.pad_id,
+                                           self.dtypes["policy"])
+                logprobs = rollout_logprobs(self.policy, rollout, cfg.generation.temperature, chunk,
+                                            cfg.rollout.logprob_chunk, self.dtypes["policy"])
+                ref = rollout_logprobs(self.reference, rollout, cfg.generation.temperature, chunk,
+                                       cfg.rollout.logprob_chunk)
                 scores.append(self.reward_scores(rollout)[0])
                 kls.append((logprobs - ref).sum(1))
                 lengths.append(rollout.response_mask.sum(1))
