@@ -64,6 +64,8 @@ def test_frozen_models_in_their_dtype_and_trained_ones_float32(tmp_path):
     assert {q.dtype for q in t.policy.parameters()} == {q.dtype for q in t.critic.parameters()} == {torch.float32}
     assert t.dtypes == {"policy": torch.bfloat16, "critic": torch.float32, "reference": torch.bfloat16,
                         "reward_model": torch.float16}
+    row = t.train_step()  # sampling, scoring and the update run in these dtypes on the CPU
+    assert all(row[k] == row[k] for k in ("reward/score", "kl/sequence", "loss/policy", "loss/value"))
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
