@@ -140,6 +140,14 @@ def test_chunked_logprobs_equal_the_whole_tensor_ones(tmp_path, chunk):
         assert (chunked[name].double() - exact[name]).abs().max() <= 2 * own, name
 
 
+def test_chunked_logprobs_refuse_a_model_that_scales_its_logits(tmp_path):
+    t = trainer(tmp_path)
+    rollout = sample(t)
+    t.policy.config.final_logit_softcapping = 30.0  # as Gemma 2: its forward caps lm_head's output
+    with pytest.raises(ValueError, match=r"rollout.logprob_chunk: .* config.final_logit_softcapping=30.0; set "):
+        response_logprobs(t.policy, rollout.input_ids, rollout.attention_mask, rollout.prompt_width, 1.0, 5)
+
+
 def saved_bytes(t, rollout, exp):
     """Bytes autograd keeps for backward over one micro-step's forward (the graph, measured as saved)."""
     total = []

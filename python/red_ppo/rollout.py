@@ -167,6 +167,11 @@ def response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
         logits = response_logits(model, input_ids, attention_mask, prompt_width, temperature)
         entropies = None if entropy is None else entropy_from_logits(logits if entropy == "grad" else logits.detach())
         return gather_logprobs(logits, tokens), entropies
+    for name in ("final_logit_softcapping", "logit_scale"):  # applied after lm_head by the model's own forward
+        if getattr(model.config, name, None) is not None:
+            raise ValueError(f"rollout.logprob_chunk: expected a model whose logits are lm_head(hidden states), got "
+                             f"a {type(model).__name__} with config.{name}={getattr(model.config, name)!r}; "
+                             f"set rollout.logprob_chunk: 0")
     hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
                                  position_ids=position_ids(attention_mask), use_cache=False)[0]
     hidden = hidden[:, prompt_width - 1: -1].reshape(-1, hidden.shape[-1])
