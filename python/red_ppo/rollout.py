@@ -198,13 +198,7 @@ def rollout_logprobs(model, rollout: Rollout, temperature: float, chunk: int, lo
     for start in range(0, rollout.input_ids.shape[0], chunk):
         rows = slice(start, start + chunk)
         with autocast(rollout.input_ids.device, dtype):
-            if logprob_chunk == 0:
-                logits = response_logits(model, rollout.input_ids[rows], rollout.attention_mask[rows],
-                                         rollout.prompt_width, temperature)
-                parts.append(gather_logprobs(logits, rollout.responses[rows]))
-            else:
-                parts.append(response_logprobs(model, rollout.input_ids[rows], rollout.attention_mask[rows],
-                                               rollout.prompt_width, temperature, logprob_chunk,
-                                               entropy=None)[0])
+            parts.append(response_logprobs(model, rollout.input_ids[rows], rollout.attention_mask[rows],
+                                           rollout.prompt_width, temperature, logprob_chunk, entropy=None)[0])
     return torch.cat(parts) * rollout.response_mask
 
