@@ -141,7 +141,7 @@ def test_wrong_types(override, message):
 @pytest.mark.parametrize("override,message", [
     ("ppo.epoch=2", "ppo.epoch: unknown key; expected one of ['epochs', 'minibatch_size'"),
     ("trainer.lr=1", "trainer: unknown key; expected one of ['run', 'model'"),
-    ("model.policy.weights=x", "model.policy.weights: unknown key; expected one of ['path', 'config', 'tokenizer']"),
+    ("model.policy.weights=x", "model.policy.weights: unknown key; expected one of ['path', 'config', 'tokenizer', 'dtype']"),
 ])
 def test_unknown_keys(override, message):
     with pytest.raises(ConfigError) as error:

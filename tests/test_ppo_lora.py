@@ -204,3 +204,14 @@ def test_lora_keys_load():
     assert (cfg.model.lora.r, cfg.model.lora.alpha, cfg.model.lora.target_modules) == (4, 16.0, ["q_proj", "v_proj"])
     assert load_config(base=tiny_config()).model.lora is None
     assert load_config(base=tiny_config(), overrides=["model.lora={}"]).model.lora.target_modules == "all-linear"
+
+
+@needs_peft
+def test_the_reference_runs_under_the_policys_autocast_with_bf16_checkpointing_and_chunks(tmp_path):
+    # The LoRA reference is the policy's own float32 weights with the adapters off: under bf16 autocast it must
+    # be run in bf16 as the policy is, or the first step's KL (policy == reference, B = 0) is bf16 rounding.
+    data = lora_run(tmp_path, model={"dtype": "bfloat16", "gradient_checkpointing": True},
+                    rollout={"logprob_chunk": 5})
+    history = PPOTrainer(load_config(base=data)).train()
+    assert history[0]["kl/sequence"] == 0.0
+    assert history[-1]["kl/sequence"] != 0.0

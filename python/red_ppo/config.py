@@ -34,6 +34,9 @@ class ModelSource:
                                     "its config alone, randomly initialised; used when path is null.")
     tokenizer: str | None = doc(None, "Tokenizer: a directory, a hub id, or 'synthetic' (the demo language); "
                                       "null means the one saved with path, else the policy's.")
+    dtype: Literal["float32", "bfloat16", "float16"] | None = doc(
+        None, "This model's dtype (null: model.dtype). Policy: its forward under autocast in this dtype over float32 "
+              "weights (float16 is refused: it needs loss scaling); reference and reward model: their weights' dtype.")
 
 
 @dataclass
@@ -89,7 +92,15 @@ class ModelConfig:
         "score of the prefix before token t, which makes sparse PPO's step-0 TD errors equal RED's token "
         "rewards: the two modes start equivalent); 'policy', the policy's backbone with a head of zeros (the only "
         "start when the reward model has its own tokenizer: the critic reads the policy's tokens).")
-    dtype: Literal["float32", "bfloat16", "float16"] = doc("float32", "Dtype of all four models.")
+    dtype: Literal["float32", "bfloat16", "float16"] = doc(
+        "float32", "Default dtype of the four models. For the trained ones (policy, critic) bfloat16 means mixed "
+                   "precision: float32 weights and AdamW states, the forward under torch.autocast in bfloat16.")
+    critic_dtype: Literal["float32", "bfloat16", "float16"] | None = doc(
+        None, "The critic's autocast dtype over its float32 weights (null: the policy's; float16 is refused).")
+    gradient_checkpointing: bool = doc(False, "Activation checkpointing of the policy's and the critic's layers in "
+                                              "the PPO update (recomputed in the backward pass; same gradients).")
+    offload_frozen: bool = doc(False, "Keep the reference and the reward model on the CPU, moving them to run.device "
+                                      "only for the scoring phase of each step and for evaluation.")
     attn_implementation: str | None = doc("sdpa", "attn_implementation passed to transformers (null: its default).")
     lora: LoraConfig | None = doc(None, "LoRA adapters (needs peft: pip install 'red-kernels[lora]'): only adapters "
                                         "are trained, the reference is the policy with its adapters switched off "
@@ -125,6 +136,9 @@ class GenerationConfig:
 class RolloutConfig:
     batch_size: int = doc(64, "Prompts (one response each) per PPO step.")
     forward_batch_size: int = doc(64, "Rows per no-grad forward pass when scoring a rollout.")
+    logprob_chunk: int = doc(0, "Response log-probs from the response positions' hidden states, this many tokens "
+                                "at a time through lm_head and a float32 log-softmax, so the [B, R, V] float32 "
+                                "logits never exist whole (0: the whole model's logits at once).")
 
 
 @dataclass
@@ -243,6 +257,7 @@ def validate_trainer(cfg: TrainerConfig) -> None:
     require(0 < g.top_p <= 1, "generation.top_p", "a number in (0, 1]", g.top_p)
     require(ro.batch_size >= 1, "rollout.batch_size", "an integer >= 1", ro.batch_size)
     require(ro.forward_batch_size >= 1, "rollout.forward_batch_size", "an integer >= 1", ro.forward_batch_size)
+    require(ro.logprob_chunk >= 0, "rollout.logprob_chunk", "an integer >= 0 (0: whole)", ro.logprob_chunk)
     require(cfg.data.messages_key != cfg.data.prompt_key, "data.messages_key",
             f"a key other than data.prompt_key={cfg.data.prompt_key!r}", cfg.data.messages_key)
     require(cfg.data.max_prompt_length >= 1, "data.max_prompt_length", "an integer >= 1", cfg.data.max_prompt_length)
@@ -282,6 +297,11 @@ def validate_trainer(cfg: TrainerConfig) -> None:
 
 def _validate_models(cfg: TrainerConfig) -> None:
     m = cfg.model
+    trained = {"model.policy.dtype" if m.policy.dtype else "model.dtype": m.policy.dtype or m.dtype,
+               "model.critic_dtype": m.critic_dtype}
+    for key, dtype in trained.items():
+        require(dtype != "float16", key, "float32 or bfloat16 for a trained model (float16 mixed precision needs "
+                                         "loss scaling, which red_ppo does not do; use bfloat16)", dtype)
     for name in ("policy", "reference", "reward_model"):
         source = getattr(m, name)
         if source is None:

@@ -60,6 +60,11 @@ class AdapterFreeReference(nn.Module):
             return self.policy.generate(*args, **kwargs)
 
     @property
+    def config(self):
+        """The model's config (chunked log-probs read it), the policy's."""
+        return self.policy.config
+
+    @property
     def generation_config(self):
         return self.policy.generation_config
 

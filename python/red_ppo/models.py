@@ -6,6 +6,7 @@ with its own tokenizer (one that differs from the policy's) can be aligned to th
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
 from pathlib import Path
@@ -16,7 +17,7 @@ from torch import nn
 
 from red_kernels import ScoreHead
 from red_ppo.config import ConfigError, ModelSource, TrainerConfig
-from red_ppo.rollout import position_ids
+from red_ppo.rollout import autocast, position_ids
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -150,13 +151,24 @@ def _config_kwargs(source: ModelSource, tokenizer, extra: dict) -> dict:
     return kwargs
 
 
-def build_model(source: ModelSource, tokenizer, kind: str, cfg: TrainerConfig) -> nn.Module:
-    """An AutoModelForCausalLM (``kind="causal_lm"``) or a num_labels=1 sequence classifier."""
+def model_dtypes(cfg: TrainerConfig) -> dict[str, torch.dtype]:
+    """Each model's dtype: the autocast dtype of the trained ones (policy, critic; their weights stay
+    float32), the weights' dtype of the frozen ones (reference, reward model)."""
+    m = cfg.model
+    policy = m.policy.dtype or m.dtype
+    names = {"policy": policy, "critic": m.critic_dtype or policy,
+             "reference": (m.reference.dtype if m.reference is not None else None) or m.dtype,
+             "reward_model": m.reward_model.dtype or m.dtype}
+    return {name: DTYPES[value] for name, value in names.items()}
+
+
+def build_model(source: ModelSource, tokenizer, kind: str, cfg: TrainerConfig,
+                dtype: torch.dtype = torch.float32) -> nn.Module:
+    """An AutoModelForCausalLM (``kind="causal_lm"``) or a num_labels=1 sequence classifier, in ``dtype``."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     auto = AutoModelForCausalLM if kind == "causal_lm" else AutoModelForSequenceClassification
     extra = {} if kind == "causal_lm" else {"num_labels": 1}
-    dtype = DTYPES[cfg.model.dtype]
     attn = {"attn_implementation": cfg.model.attn_implementation} if cfg.model.attn_implementation else {}
     if source.path is not None:
         model = auto.from_pretrained(source.path, dtype=dtype, **extra, **attn)
@@ -169,6 +181,30 @@ def build_model(source: ModelSource, tokenizer, kind: str, cfg: TrainerConfig) -
     return model
 
 
+def enable_checkpointing(model: nn.Module) -> None:
+    """Activation checkpointing of a transformers model's layers (non-reentrant); active under `checkpointing`."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # its name since transformers 5.x
+        model.activation_checkpointing_enable(kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+@contextlib.contextmanager
+def checkpointing(*models: nn.Module):
+    """transformers checkpoints only in training mode: switch that flag on, for the block, for the modules whose
+    ``gradient_checkpointing`` is set and nothing else (their attention, dropout and norms stay in eval mode)."""
+    flagged = [module for model in models for module in model.modules()
+               if getattr(module, "gradient_checkpointing", False) is True]
+    for module in flagged:
+        module.training = True
+    try:
+        yield
+    finally:
+        for module in flagged:
+            module.training = False
+
+
 def freeze(model: nn.Module) -> nn.Module:
     model.eval()
     for parameter in model.parameters():
@@ -177,11 +213,13 @@ def freeze(model: nn.Module) -> nn.Module:
 
 
 class Critic(nn.Module):
-    """A causal-LM backbone with a value head computed by the fused op (``ScoreHead``)."""
+    """A causal-LM backbone with a value head computed by the fused op (``ScoreHead``). The backbone runs
+    under `autocast` in ``autocast_dtype`` (mixed precision over its own dtype), the head in the head's dtype."""
 
     def __init__(self, backbone: nn.Module, head: ScoreHead, backend: str = "auto") -> None:
         super().__init__()
         self.backbone, self.head, self.backend = backbone, head, backend
+        self.autocast_dtype = torch.float32
 
     @classmethod
     def from_reward_model(cls, reward_model: nn.Module, backend: str = "auto", zero_head: bool = False) -> "Critic":
@@ -211,7 +249,9 @@ class Critic(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int,
                 response_width: int) -> torch.Tensor:
         """Values ``[B, R]``: the head at the last token of each state (column P - 1 + t for token t)."""
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
-                               position_ids=position_ids(attention_mask), use_cache=False)[0]
+        with autocast(input_ids.device, self.autocast_dtype):
+            hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                                   position_ids=position_ids(attention_mask), use_cache=False)[0]
+        hidden = hidden.to(self.head.weight.dtype)
         scores = self.head(hidden, attention_mask, prompt_width, backend=self.backend).scores
         return scores[:, prompt_width - 1: prompt_width - 1 + response_width]

@@ -1,5 +1,6 @@
 """Rollouts: left-padded prompts, sampling with ``generate``, truncation after EOS, and the
-log-probs of a batch under a model in one forward pass.
+log-probs of a batch under a model in one forward pass (whole, or through lm_head in chunks of
+response positions), with a trained model's forward under autocast.
 
 Layout of a rollout row: ``[left padding | prompt | response | right padding]``. Every
 prompt block has the same width ``P``, so the response always starts at column ``P``
@@ -8,9 +9,11 @@ prompt block has the same width ``P``, so the response always starts at column `
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -83,10 +86,18 @@ def build_rollout(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, responses
     return Rollout(input_ids, attention_mask, prompt_ids.shape[1], response_mask)
 
 
+def autocast(device: torch.device, dtype: torch.dtype):
+    """The forward of a trained model with float32 weights in ``dtype`` (mixed precision); nothing for float32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
 @torch.no_grad()
 def generate_rollout(policy, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, gen, eos_id: int,
-                     pad_id: int) -> Rollout:
-    """Sample one response per prompt with ``generate`` (global torch RNG) and build the rollout."""
+                     pad_id: int, dtype: torch.dtype = torch.float32) -> Rollout:
+    """Sample one response per prompt with ``generate`` (global torch RNG, the forward under `autocast` in
+    ``dtype``) and build the rollout."""
     from transformers import GenerationConfig
 
     config = GenerationConfig(do_sample=True, max_new_tokens=gen.max_new_tokens, temperature=gen.temperature,
@@ -98,7 +109,8 @@ def generate_rollout(policy, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
     model_defaults = policy.generation_config
     policy.generation_config = GenerationConfig()
     try:
-        out = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config)
+        with autocast(prompt_ids.device, dtype):
+            out = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config)
     finally:
         policy.generation_config = model_defaults
     responses = out[:, prompt_ids.shape[1]:]
@@ -128,14 +140,65 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(-1)
 
 
+def _token_logprobs(head, hidden: torch.Tensor, tokens: torch.Tensor, temperature: float,
+                    entropy: str | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs [N] of ``tokens`` [N] from hidden states [N, H] (lm_head, float32, temperature) and the
+    entropies [N]: with their graph (``entropy="grad"``), detached (``"value"``) or none (None)."""
+    logp = torch.log_softmax(head(hidden).float() / temperature, dim=-1)
+    logprobs = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    if entropy is None:
+        return logprobs, None
+    logp = logp if entropy == "grad" else logp.detach()
+    return logprobs, -(logp.exp() * logp).sum(-1)
+
+
+def response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int,
+                      temperature: float, chunk: int = 0,
+                      entropy: str | None = "grad") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs and entropies [B, R] of the response tokens ``input_ids[:, prompt_width:]``.
+
+    ``chunk = 0``: from the model's whole logits (`response_logits`). ``chunk > 0``: the decoder's hidden
+    states of the positions that predict response tokens go through lm_head ``chunk`` tokens at a time,
+    each chunk's lm_head and float32 log-softmax checkpointed when gradients are on, so that only
+    [B, R] tensors outlive a chunk. ``entropy``: "grad" (with its graph), "value" (detached) or None.
+    """
+    tokens = input_ids[:, prompt_width:]
+    if chunk == 0:
+        logits = response_logits(model, input_ids, attention_mask, prompt_width, temperature)
+        entropies = None if entropy is None else entropy_from_logits(logits if entropy == "grad" else logits.detach())
+        return gather_logprobs(logits, tokens), entropies
+    for name in ("final_logit_softcapping", "logit_scale"):  # applied after lm_head by the model's own forward
+        if getattr(model.config, name, None) is not None:
+            raise ValueError(f"rollout.logprob_chunk: expected a model whose logits are lm_head(hidden states), got "
+                             f"a {type(model).__name__} with config.{name}={getattr(model.config, name)!r}; "
+                             f"set rollout.logprob_chunk: 0")
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                 position_ids=position_ids(attention_mask), use_cache=False)[0]
+    hidden = hidden[:, prompt_width - 1: -1].reshape(-1, hidden.shape[-1])
+    flat_tokens = tokens.reshape(-1)
+    head = model.get_output_embeddings()
+    logprobs, entropies = [], []
+    for start in range(0, flat_tokens.shape[0], chunk):
+        part = (head, hidden[start:start + chunk], flat_tokens[start:start + chunk], temperature, entropy)
+        if torch.is_grad_enabled():
+            logprob, part_entropy = checkpoint(_token_logprobs, *part, use_reentrant=False)
+        else:
+            logprob, part_entropy = _token_logprobs(*part)
+        logprobs.append(logprob)
+        entropies.append(part_entropy)
+    return torch.cat(logprobs).view_as(tokens), None if entropy is None else torch.cat(entropies).view_as(tokens)
+
+
 @torch.no_grad()
-def rollout_logprobs(model, rollout: Rollout, temperature: float, chunk: int) -> torch.Tensor:
-    """Log-probs [B, R] of the sampled response tokens under ``model`` (0 on padding)."""
+def rollout_logprobs(model, rollout: Rollout, temperature: float, chunk: int, logprob_chunk: int = 0,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Log-probs [B, R] of the sampled response tokens under ``model`` (0 on padding), ``chunk`` rows per
+    forward pass (under `autocast` in ``dtype``), ``logprob_chunk`` tokens per lm_head (`response_logprobs`)."""
     parts = []
     for start in range(0, rollout.input_ids.shape[0], chunk):
         rows = slice(start, start + chunk)
-        logits = response_logits(model, rollout.input_ids[rows], rollout.attention_mask[rows],
-                                 rollout.prompt_width, temperature)
-        parts.append(gather_logprobs(logits, rollout.responses[rows]))
+        with autocast(rollout.input_ids.device, dtype):
+            parts.append(response_logprobs(model, rollout.input_ids[rows], rollout.attention_mask[rows],
+                                           rollout.prompt_width, temperature, logprob_chunk, entropy=None)[0])
     return torch.cat(parts) * rollout.response_mask
 

@@ -4,6 +4,7 @@ Hugging Face folder beside each), evaluation with samples and a win rate, and lo
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import random
@@ -29,11 +30,12 @@ from red_ppo.gae import compute_gae
 from red_ppo.lora import AdapterFreeReference, add_adapters, require_peft, save_adapters_and_merged
 from red_ppo.losses import explained_variance, policy_loss, token_mean, value_loss
 from red_ppo.metrics import MetricsLog, import_wandb
-from red_ppo.models import Critic, build_model, check_resources, freeze, reward_model_tokenizer
+from red_ppo.models import Critic, build_model, check_resources, checkpointing, enable_checkpointing, freeze, \
+    model_dtypes, reward_model_tokenizer
 from red_ppo.rewards import apply_missing_eos_penalty, kl_per_token, make_kl_controller, masked_mean, \
     mixed_rewards, red_rewards, shape_rewards, whiten
-from red_ppo.rollout import Rollout, entropy_from_logits, gather_logprobs, generate_rollout, left_pad, \
-    response_logits, reward_model_mask, rollout_logprobs
+from red_ppo.rollout import Rollout, autocast, generate_rollout, left_pad, response_logprobs, reward_model_mask, \
+    rollout_logprobs
 from red_ppo.samples import drop_samples_after, token_texts, write_samples
 
 POSTFIX = (("score", "reward/score"), ("kl", "kl/sequence"), ("gt", "gt/score"))
@@ -166,23 +168,35 @@ class PPOTrainer:
 
         seed_everything(cfg.run.seed)
         m = cfg.model
+        # Trained models: float32 weights, forward under autocast in their dtype. Frozen models: in their dtype,
+        # on the CPU between scoring phases with model.offload_frozen.
+        self.dtypes = model_dtypes(cfg)
+        self.frozen_home = torch.device("cpu") if m.offload_frozen else self.device
         self.policy = build_model(m.policy, tokenizer, "causal_lm", cfg).to(self.device).eval()
         if m.reference is not None:
-            self.reference = freeze(build_model(m.reference, tokenizer, "causal_lm", cfg).to(self.device))
+            self.reference = freeze(build_model(m.reference, tokenizer, "causal_lm", cfg, self.dtypes["reference"])
+                                    .to(self.frozen_home))
         elif m.lora is None:
-            self.reference = freeze(copy.deepcopy(self.policy))
-        self.reward_model = freeze(build_model(m.reward_model, rm_tokenizer or tokenizer, "seq_cls", cfg)
-                                   .to(self.device))
+            self.reference = freeze(copy.deepcopy(self.policy).to(self.frozen_home, self.dtypes["reference"]))
+        self.reward_model = freeze(build_model(m.reward_model, rm_tokenizer or tokenizer, "seq_cls", cfg))
         if m.critic_init in ("reward_model", "reward_model_zero_head"):
             self.critic = Critic.from_reward_model(self.reward_model, cfg.reward.backend,
                                                    zero_head=m.critic_init == "reward_model_zero_head")
         else:
             self.critic = Critic.from_policy(self.policy, cfg.reward.backend)
+        self.reward_model.to(self.frozen_home, self.dtypes["reward_model"])
         self.critic.requires_grad_(True)
         self.critic.to(self.device).eval()
+        self.critic.autocast_dtype = self.dtypes["critic"]
+        if m.gradient_checkpointing:
+            enable_checkpointing(self.policy)
+            enable_checkpointing(self.critic.backbone)
+        # With LoRA the reference is the policy's own float32 weights with the adapters off: the policy's autocast.
+        self.reference_dtype = torch.float32
         if m.lora is not None:  # after the critic, which copies the policy's backbone without adapters
             self.policy = add_adapters(self.policy, self.critic, m.lora)
             self.reference = AdapterFreeReference(self.policy)
+            self.reference_dtype = self.dtypes["policy"]
 
         o = cfg.optim
         updates = cfg.run.total_steps * cfg.ppo.epochs * (cfg.rollout.batch_size // cfg.ppo.minibatch_size)
@@ -290,9 +304,10 @@ class PPOTrainer:
     @torch.no_grad()
     def make_experience(self, rollout: Rollout, prompts: list[Prompt]) -> dict:
         cfg, mask = self.cfg, rollout.response_mask
-        temperature, chunk = cfg.generation.temperature, cfg.rollout.forward_batch_size
-        logprobs = rollout_logprobs(self.policy, rollout, temperature, chunk)
-        ref_logprobs = rollout_logprobs(self.reference, rollout, temperature, chunk)
+        temperature, chunk, lp_chunk = cfg.generation.temperature, cfg.rollout.forward_batch_size, \
+            cfg.rollout.logprob_chunk
+        logprobs = rollout_logprobs(self.policy, rollout, temperature, chunk, lp_chunk, self.dtypes["policy"])
+        ref_logprobs = rollout_logprobs(self.reference, rollout, temperature, chunk, lp_chunk, self.reference_dtype)
         scores, token_rewards, values = self.score_rollout(rollout, prompts)
         rm_rewards = mixed_rewards(cfg.reward.mode, scores, token_rewards, rollout.prompt_width, mask,
                                    cfg.reward.beta_c)
@@ -334,7 +349,27 @@ class PPOTrainer:
                 f"step {self.step + 1}: the {name} is {value.item()}, not finite; the run stopped before updating "
                 f"the models with it, and {where}")
 
+    @contextlib.contextmanager
+    def frozen_on_device(self):
+        """With model.offload_frozen, the reference and reward model on run.device for the block, then back on
+        the CPU; without it, nothing (they stay on run.device)."""
+        frozen = (self.reference, self.reward_model)
+        if not self.cfg.model.offload_frozen:
+            yield
+            return
+        for model in frozen:
+            model.to(self.device)
+        try:
+            yield
+        finally:
+            for model in frozen:
+                model.to(self.frozen_home)
+
     def ppo_update(self, rollout: Rollout, exp: dict) -> dict:
+        with checkpointing(self.policy, self.critic):
+            return self._ppo_epochs(rollout, exp)
+
+    def _ppo_epochs(self, rollout: Rollout, exp: dict) -> dict:
         p = self.cfg.ppo
         B = rollout.response_mask.shape[0]
         totals: dict[str, float] = {}  # per minibatch: losses and gradient norms
@@ -392,13 +427,16 @@ class PPOTrainer:
         """Backward of one micro-batch, its token sums divided by the minibatch's ``tokens``."""
         p = self.cfg.ppo
         mask = part.response_mask
-        logits = response_logits(self.policy, part.input_ids, part.attention_mask, part.prompt_width,
-                                 self.cfg.generation.temperature)
-        logprobs = gather_logprobs(logits, part.responses)
-        entropy = token_mean(entropy_from_logits(logits), mask, tokens)
+        with autocast(self.device, self.dtypes["policy"]):
+            # No entropy graph when its coefficient is 0: the entropy is then only logged.
+            logprobs, entropies = response_logprobs(self.policy, part.input_ids, part.attention_mask,
+                                                    part.prompt_width, self.cfg.generation.temperature,
+                                                    self.cfg.rollout.logprob_chunk,
+                                                    entropy="grad" if p.entropy_coef else "value")
+        entropy = token_mean(entropies, mask, tokens)
         pg_loss, pg_stats = policy_loss(logprobs, exp["logprobs"][index], exp["advantages"][index], mask,
                                         p.clip_range, tokens)
-        loss = pg_loss - p.entropy_coef * entropy
+        loss = pg_loss - p.entropy_coef * entropy if p.entropy_coef else pg_loss
         self._check_finite("policy loss", pg_loss)
         values = self.critic(part.input_ids, part.attention_mask, part.prompt_width, mask.shape[1]).float()
         vf_loss, vf_stats = value_loss(values, exp["values"][index], exp["returns"][index], mask, p.value_clip_range,
@@ -418,9 +456,11 @@ class PPOTrainer:
         t0 = time.perf_counter()
         prompts = self.sampler.next_batch(cfg.rollout.batch_size)
         prompt_ids, prompt_mask = left_pad([p.ids for p in prompts], self.pad_id, self.device)
-        rollout = generate_rollout(self.policy, prompt_ids, prompt_mask, cfg.generation, self.eos_id, self.pad_id)
+        rollout = generate_rollout(self.policy, prompt_ids, prompt_mask, cfg.generation, self.eos_id, self.pad_id,
+                                   self.dtypes["policy"])
         t1 = time.perf_counter()
-        exp = self.make_experience(rollout, prompts)
+        with self.frozen_on_device():
+            exp = self.make_experience(rollout, prompts)
         t2 = time.perf_counter()
         update = self.ppo_update(rollout, exp)
         t3 = time.perf_counter()
@@ -438,9 +478,10 @@ class PPOTrainer:
             row.update(self.sample_metrics(rollout.prompt_lists(), rollout.response_lists()))
         return row
 
-    def _generate(self, model, prompts: list[Prompt]) -> list[tuple[list[Prompt], Rollout]]:
-        """``model``'s responses to ``prompts``, chunk by chunk, sampled with evaluation's fixed seed in a forked
-        RNG: the training RNG is untouched, and the reference's responses are the starting policy's."""
+    def _generate(self, model, prompts: list[Prompt], dtype: torch.dtype) -> list[tuple[list[Prompt], Rollout]]:
+        """``model``'s responses to ``prompts`` (under autocast in ``dtype``), chunk by chunk, sampled with
+        evaluation's fixed seed in a forked RNG: the training RNG is untouched, and the reference's responses are
+        the starting policy's."""
         cfg, chunk = self.cfg, self.cfg.rollout.forward_batch_size
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
         chunks = []
@@ -449,7 +490,8 @@ class PPOTrainer:
             for start in range(0, len(prompts), chunk):
                 batch = prompts[start:start + chunk]
                 ids, mask = left_pad([p.ids for p in batch], self.pad_id, self.device)
-                chunks.append((batch, generate_rollout(model, ids, mask, cfg.generation, self.eos_id, self.pad_id)))
+                chunks.append((batch, generate_rollout(model, ids, mask, cfg.generation, self.eos_id, self.pad_id,
+                                                       dtype)))
         return chunks
 
     @torch.no_grad()
@@ -457,7 +499,7 @@ class PPOTrainer:
         """The reference's (by default the initial policy's) responses to the held-out prompts and their scores:
         what ``eval/win_rate`` compares with. Sampled once, kept in checkpoints."""
         responses, scores = [], []
-        for batch, rollout in self._generate(self.reference, self.eval_prompts):
+        for batch, rollout in self._generate(self.reference, self.eval_prompts, self.reference_dtype):
             scores.append(self.reward_scores(rollout, batch)[0].float().cpu())
             responses += rollout.response_lists()
         return {"responses": responses, "scores": torch.cat(scores)}
@@ -466,16 +508,22 @@ class PPOTrainer:
     def evaluate(self) -> dict:
         """Sample once per held-out prompt with a fixed seed, leaving the training RNG untouched; score the
         responses, count how often they beat the reference's, and write ``samples/step-NNNNNN.*``."""
-        cfg = self.cfg
         if not self.eval_prompts:
             return {}
+        with self.frozen_on_device():
+            return self._evaluate()
+
+    def _evaluate(self) -> dict:
+        cfg = self.cfg
         if self.baseline is None:
             self.baseline = self.sample_baseline()
         chunk = cfg.rollout.forward_batch_size
         scores, kls, lengths, prompts, responses, token_rewards = [], [], [], [], [], []
-        for batch, rollout in self._generate(self.policy, self.eval_prompts):
-            logprobs = rollout_logprobs(self.policy, rollout, cfg.generation.temperature, chunk)
-            ref = rollout_logprobs(self.reference, rollout, cfg.generation.temperature, chunk)
+        for batch, rollout in self._generate(self.policy, self.eval_prompts, self.dtypes["policy"]):
+            logprobs = rollout_logprobs(self.policy, rollout, cfg.generation.temperature, chunk,
+                                        cfg.rollout.logprob_chunk, self.dtypes["policy"])
+            ref = rollout_logprobs(self.reference, rollout, cfg.generation.temperature, chunk,
+                                   cfg.rollout.logprob_chunk, self.reference_dtype)
             part_scores, part_token_rewards = self.reward_scores(rollout, batch)
             scores.append(part_scores.float().cpu())
             kls.append((logprobs - ref).sum(1))
