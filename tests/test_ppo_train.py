@@ -87,6 +87,33 @@ def test_resume_is_exact(tmp_path):
     assert resumed.kl_controller.value == final["kl_controller"]["value"]
 
 
+def test_a_checkpoint_of_an_older_version_resumes_while_the_new_keys_keep_their_defaults(tmp_path):
+    settings = {"run": {"total_steps": 3, "save_every": 0, "eval_every": 1, "eval_prompts": 4}}
+    whole = tiny(tmp_path, "whole", **settings)
+    trainer_for(whole).train()
+    parts = tiny(tmp_path, "parts", **settings)
+    trainer_for(parts).train(stop_after=1)
+    path = tmp_path / "parts" / "checkpoints" / "step-000001.pt"
+    state = ckpt.load_checkpoint(path)
+    # as an older red_ppo wrote it: without keys added since (at their defaults now) and without the win rate's
+    # baseline responses (sampled again from the reference with evaluation's seed: the same ones)
+    for section, key in (("data", "messages_key"), ("model", "gradient_checkpointing"), ("model", "lora"),
+                         ("rollout", "logprob_chunk")):
+        del state["config"][section][key]
+    del state["baseline"]
+    ckpt.atomic_save(state, path)
+    trainer_for(parts).train(resume=True)
+    assert deterministic(read_metrics(tmp_path / "whole" / "metrics.jsonl")) == \
+        deterministic(read_metrics(tmp_path / "parts" / "metrics.jsonl"))
+    # a key the checkpoint does not know, set to something other than its default, is a change
+    changed = tiny(tmp_path, "parts", **settings, rollout={"logprob_chunk": 4})
+    state = ckpt.load_checkpoint(tmp_path / "parts" / "checkpoints" / "step-000003.pt")
+    del state["config"]["rollout"]["logprob_chunk"]
+    ckpt.atomic_save(state, tmp_path / "parts" / "checkpoints" / "step-000003.pt")
+    with pytest.raises(ConfigError, match=r"rollout\.logprob_chunk: checkpoint None, now 4"):
+        trainer_for(changed).train(resume=True)
+
+
 def test_resume_drops_metrics_written_after_the_checkpoint(tmp_path):
     data = tiny(tmp_path, run={"total_steps": 3, "save_every": 1, "eval_every": 0, "eval_prompts": 0})
     trainer_for(data).train()

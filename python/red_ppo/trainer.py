@@ -575,7 +575,11 @@ class PPOTrainer:
         allowed = set(RESUMABLE_CHANGES)
         if self.cfg.optim.schedule == "constant" and mine["run.total_steps"] >= state["step"]:
             allowed.add("run.total_steps")  # training longer: nothing done so far depended on the length
-        changed = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k) and k not in allowed)
+        # A key the checkpoint does not know (written by an older red_ppo) is no change while it keeps its default.
+        defaults = _flatten(to_dict(type(self.cfg)()))
+        new_at_default = {k for k in set(mine) - set(theirs) if k in defaults and mine[k] == defaults[k]}
+        changed = sorted(k for k in set(mine) | set(theirs)
+                         if mine.get(k) != theirs.get(k) and k not in allowed | new_at_default)
         if changed:
             details = "; ".join(f"{k}: checkpoint {theirs.get(k)!r}, now {mine.get(k)!r}" for k in changed[:5])
             raise ConfigError(f"--resume: expected the configuration of the interrupted run, got changes in "
