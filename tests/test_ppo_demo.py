@@ -113,12 +113,8 @@ def test_preference_pairs_by_kind():
     assert make_pair(task, rng, "prefix", prompt, [tok.eos_token_id], b, 48)[3] == "independent"
 
 
-def test_curve_measures_and_the_bootstrap_by_hand():
-    import itertools
-
-    import numpy as np
-
-    from red_ppo.stats import bootstrap_mean_interval, curve_area, paired_difference, samples_to_level
+def test_curve_measures_and_the_paired_difference_by_hand():
+    from red_ppo.stats import curve_area, paired_difference, samples_to_level
 
     # gains 0, 1, 3 over samples 0, 10, 20: trapezoids 5 + 20, over 20 samples
     assert curve_area([0, 10, 20], [1.0, 2.0, 4.0], start=1.0) == pytest.approx(1.25)
@@ -126,20 +122,14 @@ def test_curve_measures_and_the_bootstrap_by_hand():
         curve_area([0, 0], [1.0, 2.0], 0.0)
     assert samples_to_level([0, 10, 20], [1.0, 2.0, 4.0], 2.0) == 10.0
     assert samples_to_level([0, 10, 20], [1.0, 2.0, 4.0], 5.0) is None
-    assert bootstrap_mean_interval([2.0, 2.0, 2.0]) == (2.0, 2.0, 2.0)
-    # two values: resampled means are 0, 5, 10 with probabilities 1/4, 1/2, 1/4
-    assert bootstrap_mean_interval([0.0, 10.0], resamples=4000, seed=3) == (5.0, 0.0, 10.0)
-    # four values: the interval lies between the exact 2nd-3rd and 97th-98th percentiles of all 256 resamples
-    values = [0.0, 1.0, 3.0, 7.0]
-    exact = np.sort([np.mean(c) for c in itertools.product(values, repeat=4)])
-    mean, low, high = bootstrap_mean_interval(values, resamples=20000, seed=0)
-    assert mean == 2.75
-    assert np.quantile(exact, 0.02) <= low <= np.quantile(exact, 0.03)
-    assert np.quantile(exact, 0.97) <= high <= np.quantile(exact, 0.98)
     d = paired_difference({0: 1.0, 1: 2.0, 2: 3.0, 5: 9.0}, {0: 0.0, 1: 3.0, 2: 1.0})
     assert d["seeds"] == [0, 1, 2] and d["differences"] == [1.0, -1.0, 2.0] and d["mean"] == pytest.approx(2 / 3)
     assert (d["positive"], d["negative"], d["ties"], d["n"]) == (2, 1, 0, 3)
-    assert d["ci95"][0] <= d["mean"] <= d["ci95"][1]
+    # squared deviations 1/9 + 25/9 + 16/9 = 14/3 over 2 degrees of freedom; t_{0.975, 2} = 4.302653 (table)
+    half = 4.302652730 * math.sqrt(7 / 3) / math.sqrt(3)
+    assert d["sd"] == pytest.approx(math.sqrt(7 / 3))
+    assert d["ci95"] == pytest.approx([2 / 3 - half, 2 / 3 + half], abs=1e-8)
+    assert d["sign_p"] == 1.0  # 2 up and 1 down: P(a split at least this uneven) = 2 (1 + 3) / 8, capped at 1
 
 
 TINY_DEMO = ["run.total_steps=2", "run.eval_every=1", "run.eval_prompts=8", "run.progress=false",
