@@ -166,10 +166,13 @@ def diagnose(policy, tokenizer, prompts: list[Prompt], score_fn, *, prefixes: in
                             batch_size, log, "responses")
         scored = _score_rows(score_fn, [(p.ids, r) for p, r in zip(chosen, responses)], pad_id, device, batch_size)
         kept = [i for i, (_, s, _) in enumerate(scored) if s.size]  # pad == EOS: a lone EOS has no scored token
+        if not kept:
+            raise ValueError(f"policy: expected responses with a token to score, got {prefixes} responses that are "
+                             f"each an EOS alone (the trainer scores none of them when the pad id is the EOS id)")
         positions = {i: int(rng.integers(scored[i][1].size)) for i in kept}
         # Two heads per prefix: y<=t, then y<t. Finished heads are their own completion.
         heads = [(chosen[i].ids, responses[i][:positions[i] + cut]) for i in kept for cut in (1, 0)]
-        finished = [len(h) == budget or (h and h[-1] == eos_id) for _, h in heads]
+        finished = [len(h) == budget or bool(h) and h[-1] == eos_id for _, h in heads]
         todo = [j for j, done in enumerate(finished) if not done]
         rows = [j for j in todo for _ in range(continuations)]
         log(f"diagnose: {len(kept)} prefixes, {len(rows)} continuations to sample")
@@ -255,7 +258,8 @@ class RewardModelScores:
         prefix = torch.zeros(input_ids.shape, dtype=torch.float64, device=input_ids.device)
         prefix[:, P - 1] = scores - rewards.sum(1)
         prefix[:, P:] = prefix[:, P - 1: P] + rewards.cumsum(1)
-        last = torch.arange(input_ids.shape[1], device=input_ids.device).masked_fill(attention_mask == 0, -1).amax(1)
+        columns = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(attention_mask)
+        last = columns.masked_fill(attention_mask == 0, -1).amax(1)
         prefix[torch.arange(input_ids.shape[0], device=input_ids.device), last] = scores
         return prefix
 
