@@ -12,15 +12,15 @@ import pytest
 import torch
 import yaml
 
-from conftest import TINY_POLICY
+from conftest import TINY_POLICY, tiny_config
 from red_ppo.cli import main
 from red_ppo.config import GenerationConfig, load_config
 from red_ppo.data import Prompt
 from red_ppo.demo import OracleScores
 from red_ppo.diagnose import RewardModelScores, diagnose, load_validation, thresholds, verdict
-from red_ppo.rollout import left_pad, reward_model_mask
+from red_ppo.rollout import generate_rollout, left_pad, reward_model_mask
 from red_ppo.synthetic import SyntheticTask, build_tokenizer
-from test_ppo_cross_tokenizer import cross_config
+from test_ppo_cross_tokenizer import cross_config, visible_head
 
 pytest.importorskip("transformers")
 
@@ -153,14 +153,17 @@ def test_a_calibrated_score_has_slope_one_and_the_oracle_under_a_uniform_policy_
     assert oracle["calibration_slope_ci95"][1] < 1
 
 
-def test_the_reward_model_scores_are_the_trainers(tmp_path):
+@pytest.mark.parametrize("own_tokenizer", [True, False], ids=["own-tokenizer-and-chat", "policy-tokenizer"])
+def test_the_reward_model_scores_are_the_trainers(tmp_path, own_tokenizer):
     from red_ppo.trainer import PPOTrainer
 
-    trainer = PPOTrainer(load_config(base=cross_config(tmp_path, chat_lines=True)))
+    run = {"run": {"output_dir": str(tmp_path / "run"), "num_threads": 1}, "generation": {"max_new_tokens": 8}}
+    config = cross_config(tmp_path, chat_lines=True) if own_tokenizer else tiny_config(run)
+    trainer = PPOTrainer(load_config(base=config))
+    visible_head(trainer)
     prompts = trainer.sampler.prompts + trainer.eval_prompts
-    assert any(p.messages is not None for p in prompts)
+    assert any(p.messages is not None for p in prompts) == own_tokenizer
     ids, mask = left_pad([p.ids for p in prompts], trainer.pad_id)
-    from red_ppo.rollout import generate_rollout
     torch.manual_seed(3)
     rollout = generate_rollout(trainer.policy, ids, mask, trainer.cfg.generation, trainer.eos_id, trainer.pad_id)
     scores, token_rewards = trainer.reward_scores(rollout, prompts)
@@ -173,7 +176,8 @@ def test_the_reward_model_scores_are_the_trainers(tmp_path):
         last = int(scored[row].nonzero().max())
         assert prefix[row, last] == scores[row]  # the sequence score itself
         rewards = torch.diff(prefix[row, P - 1:last + 1])
-        torch.testing.assert_close(rewards.float(), token_rewards[row, P:last + 1], rtol=0, atol=1e-6)
+        torch.testing.assert_close(rewards.float(), token_rewards[row, P:last + 1], rtol=0,
+                                   atol=1e-6 * max(1.0, prefix.abs().max().item()))
 
 
 def test_the_command_writes_the_numbers_and_the_page(tmp_path, capsys):

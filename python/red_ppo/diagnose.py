@@ -136,8 +136,9 @@ def diagnose(policy, tokenizer, prompts: list[Prompt], score_fn, *, prefixes: in
     exactly one prefix, so the prefixes are independent draws given the prompt set, and the bootstrap over
     them is the clustered bootstrap over responses without needing cluster weights. Its coverage is close to
     nominal at these counts (simulated on bivariate normal data: 94-97% at 60 and 240 prefixes); the
-    percentile bootstrap under-covers at the handful of seeds the study warns about, not here. The intervals hold the prompt set fixed and include the
-    Monte-Carlo noise of ``A_t``, which attenuates rho (it never inflates it).
+    percentile bootstrap under-covers at the handful of seeds the study warns about, not here. The intervals
+    hold the prompt set fixed and include the Monte-Carlo noise of ``A_t``, which attenuates rho (it never
+    inflates it). Resamples whose rho or slope is undefined (constant values) are left out of the interval.
 
     Deterministic given ``seed``: the torch RNG is forked (the caller's state is left as it was) and seeded.
     """
@@ -212,7 +213,7 @@ def diagnose(policy, tokenizer, prompts: list[Prompt], score_fn, *, prefixes: in
     return {
         "consistency": spearman(r_t, advantage), "consistency_ci95": _interval(rhos),
         "calibration_slope": _slope(s_t, v_after), "calibration_slope_ci95": _interval(slopes),
-        "advantage_se_mean": float(advantage_se.mean()) if n else math.nan,
+        "advantage_se_mean": float(advantage_se.mean()),
         "advantage_sd": float(advantage.std(ddof=1)) if n > 1 else math.nan,
         "responses": prefixes, "prefixes": n, "continuations": continuations,
         "seconds": time.perf_counter() - began,
