@@ -127,7 +127,15 @@ def test_the_oracle_is_consistent_shuffled_scores_are_not_and_an_offset_changes_
 
 def test_the_oracle_tokens_rewards_are_the_true_credit_and_finished_prefixes_are_their_own_value(language):
     tokenizer, task, prompts = language
-    result = run(tiny_policy(tokenizer), tokenizer, prompts, OracleScores(task), prefixes=12, continuations=2)
+    oracle, lengths = OracleScores(task), []
+
+    def recording(input_ids, attention_mask, response_start):
+        lengths.extend(attention_mask[:, response_start:].sum(1).tolist())
+        return oracle(input_ids, attention_mask, response_start)
+
+    result = run(tiny_policy(tokenizer), tokenizer, prompts, recording, prefixes=12, continuations=2)
+    # a completion samples only the budget its prefix left: no scored response is longer than max_new_tokens
+    assert max(lengths) == GENERATION.max_new_tokens and len(lengths) > 12 * 2
     ids = {text: i for i, text in enumerate(tokenizer.convert_ids_to_tokens(range(len(tokenizer))))}
     for example in result["examples"]:
         prompt_ids = tokenizer(example["prompt"])["input_ids"]
