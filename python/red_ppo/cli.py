@@ -1,4 +1,4 @@
-"""The ``red-ppo`` command: ``train``, ``demo``, ``study``, ``plot`` and ``config``."""
+"""The ``red-ppo`` command: ``train``, ``diagnose``, ``demo``, ``study``, ``plot`` and ``config``."""
 
 from __future__ import annotations
 
@@ -18,6 +18,16 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override one key, e.g. --set reward.mode=sparse (repeatable; the value is YAML)")
     train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in run.output_dir")
+
+    diagnose = commands.add_parser("diagnose", help="will RED help with this reward model? (no ground truth needed)")
+    diagnose.add_argument("--config", required=True, help="YAML file, the same as `red-ppo train` reads")
+    diagnose.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                          help="override one key, e.g. --set run.device=cpu (repeatable; the value is YAML)")
+    diagnose.add_argument("--prefixes", type=int, default=240, help="prefixes measured, one per response (240)")
+    diagnose.add_argument("--continuations", type=int, default=64,
+                          help="policy continuations per prefix for the Monte-Carlo values (64)")
+    diagnose.add_argument("--output", default=None, help="folder for diagnose.json and diagnose.html "
+                                                         "(default: run.output_dir/diagnose)")
 
     demo = commands.add_parser("demo", help="RED against sparse rewards on the synthetic language (make demo)")
     demo.add_argument("--config", default=None, help=f"YAML file (default: {default_config_path()})")
@@ -53,7 +63,7 @@ def _quiet_transformers() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command in ("train", "demo", "study"):
+    if args.command in ("train", "diagnose", "demo", "study"):
         _quiet_transformers()
     try:
         if args.command == "train":
@@ -65,6 +75,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"red-ppo: stopped: {error}", file=sys.stderr)
                 return 3
             print(f"wrote {cfg.run.output_dir}")
+        elif args.command == "diagnose":
+            from red_ppo.diagnose import run_diagnose
+            for name, least in (("prefixes", 1), ("continuations", 2)):  # before any model loads
+                if getattr(args, name) < least:
+                    raise ConfigError(f"--{name}: expected an integer >= {least}, got {getattr(args, name)}")
+            run_diagnose(load_config(args.config, args.overrides), args.output, args.prefixes, args.continuations)
         elif args.command == "demo":
             from red_ppo.demo import run_demo
             overrides = list(args.overrides) + ([f"run.output_dir={args.run_dir}"] if args.run_dir else [])

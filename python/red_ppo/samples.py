@@ -48,10 +48,13 @@ def _shade(reward: float, scale: float) -> str:
     return f"rgba({POSITIVE if reward > 0 else NEGATIVE}, {min(1.0, abs(reward) / scale):.3f})"
 
 
-def reward_page(step: int, samples: list[dict]) -> str:
+def reward_page(step: int, samples: list[dict], title: str | None = None) -> str:
     """The HTML page of ``samples``, each ``{"prompt": str, "tokens": [str], "rewards": [float], "score": float}``:
     every response token on a background from red (negative) through white to green (positive), scaled to the
-    largest absolute reward on the page; hovering a token shows its exact reward (``repr`` of the float)."""
+    largest absolute reward on the page; hovering a token shows its exact reward (``repr`` of the float).
+    ``title``: the page's title and heading, in place of the evaluation's (which name ``step``)."""
+    head, heading = (title, title) if title else (f"RED token rewards, step {step}",
+                                                   f"RED token rewards of the policy's responses, step {step}")
     scale = max((abs(r) for sample in samples for r in sample["rewards"]), default=0.0) or 1.0
     blocks = []
     for index, sample in enumerate(samples):
@@ -61,8 +64,8 @@ def reward_page(step: int, samples: list[dict]) -> str:
                       f'{len(sample["tokens"])} tokens, token rewards sum to {sum(sample["rewards"]):.4g}</h3>\n'
                       f'<div class="prompt">{html.escape(sample["prompt"])}</div>\n'
                       f'<div class="response">{tokens}</div></div>')
-    return (f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>RED token rewards, step {step}</title>'
-            f'<style>{STYLE}</style></head>\n<body><h2>RED token rewards of the policy\'s responses, step {step}</h2>\n'
+    return (f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{html.escape(head, quote=False)}</title>'
+            f'<style>{STYLE}</style></head>\n<body><h2>{html.escape(heading, quote=False)}</h2>\n'
             f'<div class="legend">token reward <span>{-scale:.4g}</span><span class="bar"></span>'
             f'<span>+{scale:.4g}</span> (white: 0; hover a token for its exact reward)</div>\n'
             + "\n".join(blocks) + "\n</body></html>\n")
