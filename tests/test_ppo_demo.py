@@ -135,8 +135,7 @@ def test_curve_measures_and_the_paired_difference_by_hand():
 TINY_DEMO = ["run.total_steps=2", "run.eval_every=1", "run.eval_prompts=8", "run.progress=false",
              "rollout.batch_size=8", "rollout.forward_batch_size=8", "ppo.minibatch_size=4",
              "generation.max_new_tokens=6", "synthetic.sft_steps=4", "synthetic.sft_batch_size=8",
-             "synthetic.rm_pairs=16", "synthetic.rm_batch_size=8", "synthetic.heldout_responses=16",
-             "demo.bootstrap=200"]
+             "synthetic.rm_pairs=16", "synthetic.rm_batch_size=8", "synthetic.heldout_responses=16"]
 
 
 def test_tiny_demo_end_to_end(tmp_path):

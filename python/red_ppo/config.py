@@ -210,7 +210,7 @@ class Config(TrainerConfig):
 
     synthetic: SyntheticConfig = doc(SyntheticConfig(), "The demo's synthetic language (data.source=synthetic, "
                                                         "tokenizer 'synthetic', red-ppo demo).")
-    demo: DemoConfig = doc(DemoConfig(), "red-ppo demo (and red-ppo study: workers, bootstrap).")
+    demo: DemoConfig = doc(DemoConfig(), "red-ppo demo (and red-ppo study: workers).")
     study: StudyConfig = doc(StudyConfig(), "red-ppo study only.")
 
 

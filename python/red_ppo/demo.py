@@ -29,40 +29,13 @@ from red_ppo.config import Config, ConfigError, ModelSource, to_dict, validate_t
 from red_ppo.demo_config import ARMS
 from red_ppo.metrics import read_metrics
 from red_ppo.pretrain import pretrain_policy, train_reward_model
+from red_ppo.sources import OracleScores
 from red_ppo.stats import curve_area, paired_difference, samples_to_level
 from red_ppo.synthetic import SyntheticTask, build_tokenizer, spearman
 from red_ppo.trainer import PPOTrainer
 
 PAIRS = [("red", "sparse"), ("sparse-rm-critic", "sparse"), ("red", "sparse-rm-critic")]
 LEVELS = (0.5, 0.8)
-
-
-class OracleScores:
-    """The hidden scorer's prefix scores as a ``PPOTrainer`` ``reward_fn``: position ``P + t`` holds
-    the true credit of response tokens ``0..t`` (the missing-EOS term on the last token of a
-    response without EOS), prompt positions 0. So RED's token rewards are the true per-token
-    credit and the sequence score is the ground truth. ``noise`` adds independent Gaussian noise of
-    that std to every response prefix score, from a generator of its own (the training RNG is
-    left alone)."""
-
-    def __init__(self, task: SyntheticTask, noise: float = 0.0, seed: int = 0) -> None:
-        self.task, self.noise = task, noise
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_start: int) -> torch.Tensor:
-        P = response_start
-        ids, real = input_ids.cpu(), attention_mask.cpu().bool()
-        scores = torch.zeros(ids.shape, dtype=torch.float64)
-        for row in range(ids.shape[0]):
-            prompt = ids[row, :P][real[row, :P]].tolist()
-            response = ids[row, P:][real[row, P:]].tolist()
-            credit = self.task.token_credit(prompt, response)
-            if credit:
-                scores[row, P:P + len(credit)] = torch.tensor(credit, dtype=torch.float64).cumsum(0)
-        if self.noise:
-            noise = torch.randn(scores[:, P:].shape, generator=self.generator, dtype=torch.float64)
-            scores[:, P:] += self.noise * noise * real[:, P:]
-        return scores.float().to(input_ids.device)
 
 
 class CreditTrainer(PPOTrainer):
@@ -87,32 +60,33 @@ class CreditTrainer(PPOTrainer):
 
 def run_config(cfg: Config, run_dir: Path, condition: str, arm: str, seed: int,
                reward_model: Path | None = None) -> Config:
-    """The run's config: its folder, seed, mode and critic start; the reward model (for the learned
-    condition's scores and every critic's start) is ``reward_model`` or ``run_dir/reward_model``."""
-    mode, critic_init = ARMS[arm]
+    """The run's config: its folder, seed and the arm's settings (`ARMS`); the reward model (for the
+    learned condition's scores and every critic's start) is ``reward_model`` or ``run_dir/reward_model``."""
     run = dataclasses.replace(cfg.run, output_dir=str(run_dir / condition / f"{arm}-seed{seed}"), seed=seed,
                               overwrite=True, progress=False)
     model = dataclasses.replace(cfg.model, tokenizer="synthetic", reference=None,
                                 policy=ModelSource(path=str(run_dir / "sft")),
-                                reward_model=ModelSource(path=str(reward_model or run_dir / "reward_model")),
-                                critic_init=critic_init or cfg.model.critic_init)
+                                reward_model=ModelSource(path=str(reward_model or run_dir / "reward_model")))
     data = dataclasses.replace(cfg.data, source="synthetic")
-    out = dataclasses.replace(cfg, run=run, model=model, data=data, reward=dataclasses.replace(cfg.reward, mode=mode))
+    out = dataclasses.replace(cfg, run=run, model=model, data=data)
+    for section, key, value in ARMS[arm]:
+        out = dataclasses.replace(out, **{section: dataclasses.replace(getattr(out, section), **{key: value})})
     validate_trainer(out)
     return out
 
 
 def train_one(job: tuple) -> dict:
-    """One PPO run (in a worker process): ``(config, condition, arm, seed, noise)``; ``noise`` is None
-    for the reward model's scores, else the std of the noise on the oracle's."""
-    cfg, condition, arm, seed, noise = job
+    """One PPO run (in a worker process): ``(config, condition, arm, seed, oracle)``; ``oracle`` is None
+    for the reward model's scores, else the keyword arguments of the `OracleScores` that replaces them
+    (``noise``, ``errors``, ``scale``)."""
+    cfg, condition, arm, seed, oracle = job
     if cfg.run.num_threads:
         torch.set_num_threads(cfg.run.num_threads)
     from transformers.utils import logging
     logging.set_verbosity_error()
     logging.disable_progress_bar()
     task = cfg.synthetic.task()
-    reward_fn = OracleScores(task, noise, seed=10_000 + seed) if noise is not None else None
+    reward_fn = OracleScores(task, seed=10_000 + seed, **oracle) if oracle is not None else None
     start = time.perf_counter()
     CreditTrainer(cfg, task, tokenizer=build_tokenizer(), reward_fn=reward_fn).train()
     return {"condition": condition, "arm": arm, "seed": seed, "folder": cfg.run.output_dir,
@@ -160,8 +134,9 @@ def _mean_sd(values) -> dict:
             "n": len(values)}
 
 
-def summarise(results: list[dict], resamples: int) -> dict:
-    """Per run: curves and measures; per condition and arm: mean and sd over seeds; paired differences."""
+def summarise(results: list[dict], pairs: list[tuple[str, str]] = PAIRS) -> dict:
+    """Per run: curves and measures; per condition and arm: mean and sd over seeds; paired differences
+    (``a - b`` for each ``(a, b)`` of ``pairs`` that the condition ran)."""
     runs: dict = {}
     for r in results:
         curves = _curves(read_metrics(Path(r["folder"]) / "metrics.jsonl"))
@@ -194,11 +169,11 @@ def summarise(results: list[dict], resamples: int) -> dict:
             arms_summary.setdefault(condition, {})[arm] = entry
     paired = {}
     for condition, arms in runs.items():
-        for a, b in PAIRS:
+        for a, b in pairs:
             if a in arms and b in arms:
                 paired.setdefault(condition, {})[f"{a} - {b}"] = {
                     k: paired_difference({s: m[k] for s, m in arms[a].items()},
-                                         {s: m[k] for s, m in arms[b].items()}, resamples)
+                                         {s: m[k] for s, m in arms[b].items()})
                     for k in ("area", "final_gt")}
     return {"oracle_red_gain": gain, "arms": arms_summary, "paired": paired, "runs": runs}
 
@@ -222,14 +197,14 @@ def format_table(summary: dict) -> str:
                          f"{cell(e['final_kl']):>14}{reach(e['samples_to_50%']):>18}{reach(e['samples_to_80%']):>16}"
                          f"{cell(e['advantage_spearman']):>16}")
     lines.append("")
-    lines.append("paired differences per seed (mean, bootstrap 95% interval over seeds, seeds with a > b):")
+    lines.append("paired differences per seed (mean, t 95% interval over seeds, seeds with a > b, sign-test p):")
     for condition, pairs in summary["paired"].items():
         for name, measures in pairs.items():
             parts = []
             for key, label in (("area", "GT gain (AUC)"), ("final_gt", "final GT")):
                 d = measures[key]
                 parts.append(f"{label} {d['mean']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}] "
-                             f"({d['positive']}/{d['n']} > 0)")
+                             f"({d['positive']}/{d['n']} > 0, p={d['sign_p']:.2g})")
             lines.append(f"  {condition:<8} {name:<26} " + "; ".join(parts))
     return "\n".join(lines)
 
@@ -311,12 +286,12 @@ def run_demo(cfg: Config, log=print) -> dict:
     sft, rm = pretrain(cfg, run_dir, log)
     t_pretrain = time.perf_counter() - t0
     d = cfg.demo
-    jobs = [(run_config(cfg, run_dir, condition, arm, seed), condition, arm, seed, noise)
-            for condition, arms, seeds, noise in (("oracle", d.oracle_arms, d.oracle_seeds, d.oracle_noise),
+    jobs = [(run_config(cfg, run_dir, condition, arm, seed), condition, arm, seed, oracle)
+            for condition, arms, seeds, oracle in (("oracle", d.oracle_arms, d.oracle_seeds, {"noise": d.oracle_noise}),
                                                   ("learned", d.learned_arms, d.learned_seeds, None))
             for seed in seeds for arm in arms]
     results = run_jobs(jobs, d.workers, log)
-    summary = summarise(results, d.bootstrap)
+    summary = summarise(results)
     summary.update({
         "supervised_policy": sft, "reward_model": rm,
         "seconds": {"pretraining": t_pretrain, "ppo": time.perf_counter() - t0 - t_pretrain,

@@ -1,5 +1,5 @@
 """The ``demo`` section of the configuration: the conditions, arms and seeds of `red-ppo demo` (whose
-workers and bootstrap `red-ppo study` uses too)."""
+workers `red-ppo study` uses too), and the arms both know."""
 
 from __future__ import annotations
 
@@ -7,8 +7,17 @@ from dataclasses import dataclass
 
 from red_ppo.typed_yaml import doc, require
 
-# arm -> (reward.mode, model.critic_init; None: the configured one)
-ARMS = {"sparse": ("sparse", None), "red": ("red", None), "sparse-rm-critic": ("sparse", "reward_model")}
+# arm -> the settings it changes, as (section, key, value); every other setting is the configuration's
+ARMS = {
+    "sparse": (("reward", "mode", "sparse"),),
+    "red": (("reward", "mode", "red"),),
+    # sparse with the critic started as the reward model: step-0 equivalent to RED
+    "sparse-rm-critic": (("reward", "mode", "sparse"), ("model", "critic_init", "reward_model")),
+    # sparse with Monte-Carlo returns (GAE lambda 1): credit that does not wait for the critic
+    "sparse-lam1": (("reward", "mode", "sparse"), ("ppo", "lam", 1.0)),
+    # sparse without the value clip, so the critic may move as far as its targets ask
+    "sparse-noclip": (("reward", "mode", "sparse"), ("ppo", "value_clip_range", None)),
+}
 
 
 def distinct_seeds(seeds: list) -> bool:
@@ -28,7 +37,6 @@ class DemoConfig:
                              "model.critic_init as configured.")
     oracle_noise: float = doc(0.0, "Std of independent Gaussian noise added to every oracle prefix score.")
     workers: int = doc(2, "PPO runs in parallel, one process of run.num_threads threads each.")
-    bootstrap: int = doc(10000, "Bootstrap resamples of the seeds for the paired intervals.")
 
     def validate(self) -> None:
         for name in ("oracle_seeds", "learned_seeds"):
@@ -44,4 +52,3 @@ class DemoConfig:
                 "(seeds and arms both non-empty)", self.learned_seeds)
         require(self.oracle_noise >= 0, "demo.oracle_noise", "a number >= 0", self.oracle_noise)
         require(self.workers >= 1, "demo.workers", "an integer >= 1", self.workers)
-        require(self.bootstrap >= 100, "demo.bootstrap", "an integer >= 100", self.bootstrap)

@@ -17,9 +17,10 @@ import torch.nn.functional as F
 
 from red_kernels.hf import score_prefixes
 from red_ppo.rollout import generate_rollout, left_pad
+from red_ppo.sources import pair_accuracy
 from red_ppo.synthetic import VOCAB, SyntheticConfig, SyntheticTask, spearman
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 
 
 def fingerprint(*parts) -> str:
@@ -188,16 +189,36 @@ def _batch_scores(rm, tokenizer, prompts: list[list[int]], responses: list[list[
     return score_prefixes(rm, ids, mask, start, baseline=baseline, backend="auto"), start
 
 
+def _new_reward_model(s: SyntheticConfig, tokenizer, sft_folder: Path):
+    """The reward model before training: the supervised policy's backbone with a fresh head
+    (``rm_init: policy``), or the same architecture with every weight fresh (``rm_init: scratch``)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    if s.rm_init == "policy":
+        rm = AutoModelForSequenceClassification.from_pretrained(sft_folder, num_labels=1)
+    else:
+        kwargs = dict(s.policy_config)
+        config = AutoConfig.for_model(kwargs.pop("model_type"), vocab_size=len(tokenizer), num_labels=1,
+                                      pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                                      eos_token_id=tokenizer.eos_token_id, **kwargs)
+        rm = AutoModelForSequenceClassification.from_config(config)
+    rm.config.pad_token_id = tokenizer.pad_token_id
+    return rm
+
+
 def train_reward_model(task: SyntheticTask, tokenizer, sft_folder: Path, s: SyntheticConfig, folder: Path,
-                       max_new_tokens: int, baseline: str = "prompt", log=print) -> dict:
-    """Step 2: Bradley-Terry on noisy preference pairs, gradients through `redistribute`'s rewards."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+                       max_new_tokens: int, baseline: str = "prompt", log=print, checkpoints: list[int] = ()) -> dict:
+    """Step 2: Bradley-Terry on noisy preference pairs, gradients through `redistribute`'s rewards.
+
+    ``checkpoints``: optimiser steps after which the reward model is also saved, in ``folder/step-NNNNNN``
+    with its held-out measures (``info["checkpoints"]``); the finished model is ``folder`` itself."""
+    from transformers import AutoModelForCausalLM
 
     sft_key = json.loads((sft_folder / "pretrain.json").read_text())["fingerprint"]
     key = fingerprint("rm", sft_key,
                       s.seed, s.rm_pairs, s.rm_epochs, s.rm_batch_size, s.rm_lr, s.label_temperature,
                       s.heldout_responses, max_new_tokens, baseline, s.rm_prefix_pairs, s.rm_edit_pairs,
-                      s.verbose_after, s.proper_end, s.no_eos)
+                      s.verbose_after, s.proper_end, s.no_eos, s.rm_init, list(checkpoints))
     info = cached(folder, key)
     if info is not None:
         log(f"[2/3] reward model: reusing {folder}")
@@ -221,10 +242,13 @@ def train_reward_model(task: SyntheticTask, tokenizer, sft_folder: Path, s: Synt
         chosen.append((prompt, a if a_wins else b))
         rejected.append((prompt, b if a_wins else a))
 
-    rm = AutoModelForSequenceClassification.from_pretrained(sft_folder, num_labels=1)
-    rm.config.pad_token_id = tokenizer.pad_token_id
+    rm = _new_reward_model(s, tokenizer, sft_folder)
     rm.train()
     steps = s.rm_epochs * math.ceil(s.rm_pairs / s.rm_batch_size)
+    if any(k > steps for k in checkpoints):
+        raise ValueError(f"checkpoints: expected optimiser steps of at most {steps} (synthetic.rm_epochs x "
+                         f"ceil(rm_pairs / rm_batch_size)), got {list(checkpoints)}")
+    saved = {}
     opt = torch.optim.AdamW(rm.parameters(), lr=s.rm_lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: _warmup_cosine(i, steps))
     generator = torch.Generator().manual_seed(s.seed + 2)
@@ -239,16 +263,29 @@ def train_reward_model(task: SyntheticTask, tokenizer, sft_folder: Path, s: Synt
             loss = -F.logsigmoid(good - bad).mean()
             _step(rm, opt, sched, loss)
             losses.append(loss.item())
+            if len(losses) in checkpoints:
+                saved[len(losses)] = _checkpoint(rm, tokenizer, task, held_prompts, held, baseline,
+                                                 folder / f"step-{len(losses):06d}", losses)
     _save(rm, tokenizer, folder)
     info = {"fingerprint": key, "final_loss": float(np.mean(losses[-20:])), "label_agreement": agree / s.rm_pairs,
-            "pairs": made,
+            "pairs": made, "steps": steps, "init": s.rm_init,
             **credit_fidelity(rm, tokenizer, task, held_prompts, held, baseline),
-            "seconds": time.perf_counter() - t0}
+            "checkpoints": {str(k): v for k, v in saved.items()}, "seconds": time.perf_counter() - t0}
     (folder / "heldout.json").write_text(json.dumps({"prompts": held_prompts, "responses": held}))
     (folder / "pretrain.json").write_text(json.dumps(info, indent=2))
     log(f"[2/3] reward model: {s.rm_pairs} pairs (labels agree with the truth {info['label_agreement']:.0%}), "
         f"loss {info['final_loss']:.3f}, held-out accuracy {info['heldout_accuracy']:.1%}, "
         f"RED credit fidelity rho={info['fidelity_spearman']:.3f}, {info['seconds']:.0f}s")
+    return info
+
+
+def _checkpoint(rm, tokenizer, task, prompts, responses, baseline, folder: Path, losses: list[float]) -> dict:
+    """Save the reward model as it is mid-training, with its held-out measures; back to training mode."""
+    _save(rm, tokenizer, folder)
+    info = {"step": len(losses), "final_loss": float(np.mean(losses[-20:])),
+            **credit_fidelity(rm, tokenizer, task, prompts, responses, baseline)}
+    (folder / "pretrain.json").write_text(json.dumps(info, indent=2))
+    rm.train()
     return info
 
 
@@ -260,8 +297,9 @@ def credit_fidelity(rm, tokenizer, task: SyntheticTask, prompts: list[list[int]]
     ``fidelity_spearman`` pools every response token; ``fidelity_spearman_per_response`` averages
     the rank correlation within responses of at least 3 tokens whose truth is not constant.
     ``heldout_accuracy`` is the reward model's pairwise accuracy on the pairs (rows 2i, 2i + 1
-    answer one prompt; true ties left out): Bradley-Terry only identifies score differences
-    between responses to one prompt, so pairs across prompts would not measure it.
+    answer one prompt; true ties left out, a tied score counts one half): Bradley-Terry only
+    identifies score differences between responses to one prompt, so pairs across prompts would
+    not measure it. ``score_sd`` is the sd of its sequence scores.
     """
     red, truth, per_response, seq_scores = [], [], [], []
     for start in range(0, len(prompts), 256):
@@ -278,13 +316,7 @@ def credit_fidelity(rm, tokenizer, task: SyntheticTask, prompts: list[list[int]]
                 per_response.append(spearman(tokens, true))
         seq_scores += out.rewards.tolist()
     true_scores = [task.score(p, r) for p, r in zip(prompts, responses)]
-    correct = total = 0
-    for i in range(0, len(prompts) - 1, 2):
-        gap = true_scores[i] - true_scores[i + 1]
-        if gap != 0:
-            total += 1
-            correct += (seq_scores[i] - seq_scores[i + 1] > 0) == (gap > 0)
-    return {"fidelity_spearman": spearman(red, truth),
+    return {"fidelity_spearman": spearman(red, truth), "score_sd": float(np.std(seq_scores)),
             "fidelity_spearman_per_response": float(np.nanmean(per_response)) if per_response else float("nan"),
             "fidelity_tokens": len(red), "fidelity_responses": sum(1 for r in responses if r),
-            "heldout_accuracy": correct / max(1, total), "score_spearman": spearman(seq_scores, true_scores)}
+            "heldout_accuracy": pair_accuracy(seq_scores, true_scores), "score_spearman": spearman(seq_scores, true_scores)}

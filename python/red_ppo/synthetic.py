@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
@@ -170,6 +171,9 @@ class SyntheticConfig:
     sft_steps: int = doc(600, "Supervised pre-training steps of the policy.")
     sft_batch_size: int = doc(64, "Sequences per supervised step.")
     sft_lr: float = doc(3e-3, "Peak learning rate of supervised pre-training (cosine decay, 5% warmup).")
+    rm_init: Literal["policy", "scratch"] = doc("policy", "The reward model's start: 'policy', the supervised "
+                                                          "policy's backbone with a fresh head; 'scratch', the same "
+                                                          "architecture with every weight fresh.")
     rm_pairs: int = doc(4096, "Preference pairs for the reward model.")
     rm_prefix_pairs: float = doc(0.0, "Fraction of the pairs that compare two prefixes of one response (labelled "
                                       "by the truth of the prefixes, unfinished ones without the missing-EOS term).")
