@@ -103,7 +103,8 @@ test-gpu:
 demo: install
 	$(BIN)/red-ppo demo
 
-# RED's gain against the reward's token-credit fidelity (runs/study; --quick: fewer levels, seeds, steps).
+# Does RED help with reward models of realistic quality, and with which errors? (runs/study; docs/demo_and_study.md;
+# --quick: fewer seeds and levels).
 study: install
 	$(BIN)/red-ppo study
 

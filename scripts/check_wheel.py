@@ -33,6 +33,8 @@ for got, want in zip(fused, eager):
     torch.testing.assert_close(got, want)
 from red_ppo.config import default_config_path
 assert default_config_path().is_file(), "red_ppo's demo config is missing from the wheel"
+from red_ppo.diagnose import load_validation
+assert load_validation(), "red_ppo's diagnose_validation.json (the verdict's thresholds) is missing from the wheel"
 print("wheel ok:", info, available_backends("cpu"))
 """
 

@@ -75,7 +75,8 @@ IMPOSSIBLE = [
     ("synthetic.policy_config={}", "synthetic.policy_config.model_type: expected a transformers model type"),
     ("demo.oracle_seeds=[1, 1]", "demo.oracle_seeds: expected a list of distinct integers >= 0, got [1, 1]"),
     ("demo.learned_arms=[sparse, dense]", "demo.learned_arms: expected a list of distinct arms from ['sparse', "
-                                          "'red', 'sparse-rm-critic'], got ['sparse', 'dense']"),
+                                          "'red', 'sparse-rm-critic', 'sparse-lam1', 'sparse-noclip'], got "
+                                          "['sparse', 'dense']"),
     ("demo.oracle_arms=[red, red]", "demo.oracle_arms: expected a list of distinct arms"),
     ("demo.oracle_noise=-1", "demo.oracle_noise: expected a number >= 0, got -1.0"),
     ("demo.workers=0", "demo.workers: expected an integer >= 1, got 0"),

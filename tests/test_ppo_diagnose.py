@@ -270,3 +270,23 @@ def test_bad_validation_names_the_entry(tmp_path):
     path = tmp_path / "validation.json"
     path.write_text(json.dumps({"source": "the study", "sources": VALIDATION}))
     assert load_validation(path) == VALIDATION and load_validation(tmp_path / "absent.json") == []
+
+
+def test_the_committed_validation_is_the_full_studys():
+    """The package's validation (the verdict's thresholds) is `red-ppo study`'s diagnose_validation.json, copied
+    unchanged: the full study (not --quick), every deterministic source of the committed study config, each gain
+    the study's paired mean inside its t-interval, and the thresholds are what `thresholds` derives from it."""
+    from red_ppo.diagnose import VALIDATION_PATH
+    from red_ppo.study_config import StudyConfig, source_names
+
+    data = json.loads(VALIDATION_PATH.read_text())
+    assert data["source"].startswith("red-ppo study: ")
+    sources = load_validation()
+    deterministic = [n for n in source_names(len(StudyConfig().rm_levels)) if not n.startswith("noise-")]
+    assert [s["name"] for s in sources] == deterministic and len(data["independent_noise"]) == 3
+    for s in sources:
+        assert s["gain_ci95"][0] <= s["gain"] <= s["gain_ci95"][1], s["name"]
+        assert s["consistency_ci95"][0] <= s["consistency"] <= s["consistency_ci95"][1], s["name"]
+    limits = thresholds(sources)
+    helped = [s for s in sources if s["gain_ci95"][0] > 0]
+    assert limits["helps_above"] == (min(s["consistency"] for s in helped) if helped else None)

@@ -178,10 +178,41 @@ def test_tiny_study_quick_end_to_end(tmp_path):
     from red_ppo.diagnose import load_validation, thresholds
 
     validated = load_validation(out / "diagnose_validation.json")
-    assert [s["name"] for s in validated] == names and thresholds(validated)["helps_above"] != 0.5
-    for s, point in zip(validated, saved["points"]):
-        assert s["gain"] == point["paired"]["red - sparse"]["area"]["mean"]
-        assert s["consistency"] == point["diagnose"]["consistency"] and point["diagnose"]["prefixes"] == 12
+    # the verdict's sources are the deterministic ones (a reward model cannot redraw its noise at every call)
+    assert [s["name"] for s in validated] == ["oracle", "systematic-1", "learned-1"]
+    assert set(thresholds(validated)) == {"helps_above", "no_help_below", "separates"}
+    points = {p["name"]: p for p in saved["points"]}
+    for s in validated:
+        assert s["gain"] == points[s["name"]]["paired"]["red - sparse"]["area"]["mean"]
+        assert s["consistency"] == points[s["name"]]["diagnose"]["consistency"]
+        assert points[s["name"]]["diagnose"]["prefixes"] == 12
+    assert [s["name"] for s in saved["validation"]["independent_noise"]] == ["noise-1"]
     assert saved["validation"]["consistency_vs_gain"]["n"] == 4
     assert (out / "study.png").stat().st_size > 0
     assert "RED - sparse, GT area" in saved["table"] and "controls" in saved["table"]
+
+
+def test_reward_model_recipe_learns_on_a_quick_setting(tmp_path):
+    """The study's reward-model recipe (`rm_init: scratch`, fresh pairs, the demo's pair mix) on a small
+    setting: 100 optimiser steps of 32 pairs on a briefly trained policy's responses. Measured here: held-out
+    accuracy 62.3% (231 pairs, so a standard error of about 3 points) and token-credit fidelity 0.16, where chance
+    is 50% and 0; the run is deterministic for a given CPU and thread count. The full recipe's accuracies are the
+    study's own measures (sources.json)."""
+    from red_ppo.pretrain import pretrain_policy, train_reward_model
+    from red_ppo.synthetic import SyntheticConfig
+
+    demo = load_config(default_config_path()).synthetic
+    s = SyntheticConfig(max_words=demo.max_words, verbose_after=demo.verbose_after, proper_end=demo.proper_end,
+                        no_eos=demo.no_eos, sft_steps=20, sft_batch_size=32, rm_init=demo.rm_init, rm_pairs=3200,
+                        rm_batch_size=32, rm_epochs=1, rm_prefix_pairs=demo.rm_prefix_pairs,
+                        rm_edit_pairs=demo.rm_edit_pairs, rm_lr=demo.rm_lr, heldout_responses=512)
+    task, tok = s.task(), build_tokenizer()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as measured
+    try:
+        pretrain_policy(task, tok, s, tmp_path / "sft", log=lambda *_: None)
+        info = train_reward_model(task, tok, tmp_path / "sft", s, tmp_path / "rm", 24, log=lambda *_: None)
+    finally:
+        torch.set_num_threads(threads)
+    assert info["init"] == "scratch" and info["steps"] == 100
+    assert info["heldout_accuracy"] > 0.56 and info["fidelity_spearman"] > 0.08

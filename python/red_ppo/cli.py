@@ -23,9 +23,10 @@ def _parser() -> argparse.ArgumentParser:
     diagnose.add_argument("--config", required=True, help="YAML file, the same as `red-ppo train` reads")
     diagnose.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                           help="override one key, e.g. --set run.device=cpu (repeatable; the value is YAML)")
-    diagnose.add_argument("--prefixes", type=int, default=240, help="prefixes measured, one per response (240)")
-    diagnose.add_argument("--continuations", type=int, default=64,
-                          help="policy continuations per prefix for the Monte-Carlo values (64)")
+    diagnose.add_argument("--prefixes", type=int, default=160,
+                          help="prefixes measured, one per response (160, as the verdict's validation)")
+    diagnose.add_argument("--continuations", type=int, default=32,
+                          help="policy continuations per prefix for the Monte-Carlo values (32, as the validation)")
     diagnose.add_argument("--output", default=None, help="folder for diagnose.json and diagnose.html "
                                                          "(default: run.output_dir/diagnose)")
 
@@ -35,12 +36,14 @@ def _parser() -> argparse.ArgumentParser:
                       help="override one key, e.g. --set demo.seeds=[0,1,2,3]")
     demo.add_argument("--run-dir", default=None, help="run folder (default: run.output_dir, runs/demo)")
 
-    study = commands.add_parser("study", help="RED's gain over sparse against the reward's token-credit fidelity")
+    study = commands.add_parser("study", help="does RED help? learned, systematic and noisy reward sources at "
+                                              "matched accuracy, one scale, 10 paired seeds (about an hour)")
     study.add_argument("--config", default=None, help=f"YAML file (default: {default_config_path()})")
     study.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override one key, e.g. --set study.seeds=[0,1,2]")
     study.add_argument("--run-dir", default="runs/study", help="run folder (default: runs/study)")
-    study.add_argument("--quick", action="store_true", help="the study.quick_* settings (under 15 minutes)")
+    study.add_argument("--quick", action="store_true",
+                       help="the study.quick_* settings (3 seeds, two levels: about a third of the work)")
 
     plot = commands.add_parser("plot", help="reward curves of one or more run folders")
     plot.add_argument("runs", nargs="+", metavar="RUN_DIR")

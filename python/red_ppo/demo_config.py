@@ -30,7 +30,8 @@ class DemoConfig:
     oracle_seeds: list = doc([0, 1, 2], "PPO seeds of the oracle condition (the hidden scorer's exact prefix "
                                         "scores through PPOTrainer's reward_fn), for each of its arms.")
     learned_seeds: list = doc([0, 1, 2, 3, 4], "PPO seeds of the learned-reward-model condition, for each arm.")
-    oracle_arms: list = doc(["sparse", "red"], "Arms of the oracle condition (from: sparse, red, sparse-rm-critic).")
+    oracle_arms: list = doc(["sparse", "red"], "Arms of the oracle condition (from ARMS: sparse, red, "
+                                               "sparse-rm-critic, sparse-lam1, sparse-noclip).")
     learned_arms: list = doc(["sparse", "red", "sparse-rm-critic"],
                              "Arms of the learned condition. 'sparse-rm-critic' is sparse with "
                              "model.critic_init=reward_model, step-0 equivalent to RED; the others use "

@@ -22,7 +22,7 @@ import torch
 
 from red_ppo.data import Prompt, load_prompts
 from red_ppo.models import build_model, check_resources, freeze, model_dtypes
-from red_ppo.rollout import Rollout, generate_rollout, left_pad, reward_model_mask
+from red_ppo.rollout import Rollout, check_prefix_scores, generate_rollout, left_pad, reward_model_mask
 from red_ppo.samples import reward_page, token_texts
 from red_ppo.synthetic import spearman
 from red_ppo.trainer import PPOTrainer, resolve_device, seed_everything
@@ -58,12 +58,7 @@ def _score_rows(score_fn, rows: list[tuple[list[int], list[int]]], pad_id: int, 
         mask = reward_model_mask(rollout, pad_id)
         P = rollout.prompt_width
         scores = score_fn(rollout.input_ids, mask, P)
-        if not isinstance(scores, torch.Tensor) or tuple(scores.shape) != tuple(mask.shape) \
-                or not scores.is_floating_point():
-            got = f"{scores.dtype} tensor of shape {list(scores.shape)}" if isinstance(scores, torch.Tensor) \
-                else type(scores).__name__
-            raise ValueError(f"score_fn: expected a floating-point tensor of prefix scores of shape "
-                             f"{list(mask.shape)} (the rows' [B, T]), got {got}")
+        check_prefix_scores("score_fn", scores, mask, "the rows'")
         scores = scores.detach().float().cpu().double().numpy()
         mask = mask.cpu().numpy()
         for i in range(len(part)):
@@ -104,7 +99,7 @@ def _slope(x: np.ndarray, y: np.ndarray) -> float:
     return float((x * (y - y.mean())).sum() / denominator) if denominator > 0 else math.nan
 
 
-def diagnose(policy, tokenizer, prompts: list[Prompt], score_fn, *, prefixes: int = 240, continuations: int = 64,
+def diagnose(policy, tokenizer, prompts: list[Prompt], score_fn, *, prefixes: int = 160, continuations: int = 32,
              generation, seed: int = 0, batch_size: int = 256, device=None, log=print) -> dict:
     """How well RED's token rewards from ``score_fn`` track the policy's Monte-Carlo advantage under that score.
 
@@ -265,7 +260,7 @@ class RewardModelScores:
         return prefix
 
 
-def run_diagnose(cfg, output: Path | None = None, prefixes: int = 240, continuations: int = 64,
+def run_diagnose(cfg, output: Path | None = None, prefixes: int = 160, continuations: int = 32,
                  validation: Path = VALIDATION_PATH, log=print) -> dict:
     """``red-ppo diagnose``: the configured policy (as `red-ppo train` starts it), reward model and prompts
     (all of them); ``diagnose.json`` and ``diagnose.html`` in ``output`` (default ``run.output_dir/diagnose``).

@@ -56,6 +56,17 @@ def reward_model_mask(rollout: Rollout, pad_id: int) -> torch.Tensor:
     return torch.cat([rollout.attention_mask[:, : rollout.prompt_width], scored.long()], dim=1)
 
 
+def check_prefix_scores(name: str, scores, mask: torch.Tensor, rows: str) -> None:
+    """A scorer's output must be a floating-point ``[B, T]`` tensor of prefix scores, the shape of ``mask``
+    (``rows`` names whose rows they are, for the message: "the rollout's")."""
+    if not isinstance(scores, torch.Tensor) or tuple(scores.shape) != tuple(mask.shape) \
+            or not scores.is_floating_point():
+        got = f"{scores.dtype} tensor of shape {list(scores.shape)}" if isinstance(scores, torch.Tensor) \
+            else type(scores).__name__
+        raise ValueError(f"{name}: expected a floating-point tensor of prefix scores of shape "
+                         f"{list(mask.shape)} ({rows} [B, T]), got {got}")
+
+
 def left_pad(sequences: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Token lists -> (ids [B, P], mask [B, P]), padded on the left."""
     if any(len(s) == 0 for s in sequences):

@@ -190,18 +190,28 @@ def _rank_correlation(x: list[float], y: list[float], resamples: int = 2000, see
 def validation(points: list[dict]) -> dict:
     """The diagnostic's validation: each source's consistency beside its measured RED - sparse gain (area), in
     the form `red_ppo.diagnose.load_validation` reads, and how well consistency (and, for comparison, the
-    token-credit fidelity that needs the ground truth) predicts the gain across the sources."""
+    token-credit fidelity that needs the ground truth) predicts the gain across the sources.
+
+    The verdict's ``sources`` are the sources a reward model can be: deterministic scorers (the oracle, the
+    systematic and the learned ones). The independent-noise sources, redrawn at every call, are kept apart
+    (``independent_noise``): no reward model scores the same text differently each time, and their noise
+    lowers the consistency while averaging out over a batch."""
     rows = [p for p in points if "diagnose" in p and "red - sparse" in p["paired"]]
-    sources = [{"name": p["name"], "consistency": p["diagnose"]["consistency"],
-                "consistency_ci95": p["diagnose"]["consistency_ci95"],
-                "gain": p["paired"]["red - sparse"]["area"]["mean"],
-                "gain_ci95": p["paired"]["red - sparse"]["area"]["ci95"],
-                "calibration_slope": p["diagnose"]["calibration_slope"], "heldout_accuracy": p["heldout_accuracy"],
-                "fidelity_spearman": p["fidelity_spearman"]} for p in rows]
-    gains = [s["gain"] for s in sources]
-    return {"sources": sources,
-            "consistency_vs_gain": _rank_correlation([s["consistency"] for s in sources], gains),
-            "fidelity_vs_gain": _rank_correlation([s["fidelity_spearman"] for s in sources], gains)}
+    measured = [{"name": p["name"], "kind": p["kind"], "consistency": p["diagnose"]["consistency"],
+                 "consistency_ci95": p["diagnose"]["consistency_ci95"],
+                 "gain": p["paired"]["red - sparse"]["area"]["mean"],
+                 "gain_ci95": p["paired"]["red - sparse"]["area"]["ci95"],
+                 "calibration_slope": p["diagnose"]["calibration_slope"], "heldout_accuracy": p["heldout_accuracy"],
+                 "fidelity_spearman": p["fidelity_spearman"]} for p in rows]
+    sources = [s for s in measured if s["kind"] != "noise"]
+
+    def correlation(group: list[dict], key: str) -> dict:
+        return _rank_correlation([s[key] for s in group], [s["gain"] for s in group])
+
+    return {"sources": sources, "independent_noise": [s for s in measured if s["kind"] == "noise"],
+            "consistency_vs_gain": correlation(measured, "consistency"),
+            "fidelity_vs_gain": correlation(measured, "fidelity_spearman"),
+            "consistency_vs_gain_deterministic": correlation(sources, "consistency")}
 
 
 def run_study(cfg: Config, quick: bool = False, log=print) -> dict:
@@ -285,7 +295,8 @@ def format_study(summary: dict) -> str:
                      f"{_cell(pair['area']):>42}{_cell(pair['final_gt']):>42}"
                      f"{kl['sparse']['mean']:>12.1f} / {kl['red']['mean']:<9.1f}")
     v = summary["validation"]
-    for key, label in (("consistency_vs_gain", "diagnose consistency"), ("fidelity_vs_gain", "token-credit fidelity")):
+    for key, label in (("consistency_vs_gain", "diagnose consistency"), ("fidelity_vs_gain", "token-credit fidelity"),
+                       ("consistency_vs_gain_deterministic", "diagnose consistency, deterministic sources")):
         c = v[key]
         lines.append(f"{label} against the RED - sparse area, over the {c['n']} sources: Spearman {c['rho']:+.2f} "
                      f"[{c['ci95'][0]:+.2f}, {c['ci95'][1]:+.2f}] (bootstrap over sources)")

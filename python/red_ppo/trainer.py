@@ -34,8 +34,8 @@ from red_ppo.models import Critic, build_model, check_resources, checkpointing, 
     model_dtypes, reward_model_tokenizer
 from red_ppo.rewards import apply_missing_eos_penalty, kl_per_token, make_kl_controller, masked_mean, \
     mixed_rewards, red_rewards, shape_rewards, whiten
-from red_ppo.rollout import Rollout, autocast, generate_rollout, left_pad, response_logprobs, reward_model_mask, \
-    rollout_logprobs
+from red_ppo.rollout import Rollout, autocast, check_prefix_scores, generate_rollout, left_pad, response_logprobs, \
+    reward_model_mask, rollout_logprobs
 from red_ppo.samples import drop_samples_after, token_texts, write_samples
 
 POSTFIX = (("score", "reward/score"), ("kl", "kl/sequence"), ("gt", "gt/score"))
@@ -238,12 +238,7 @@ class PPOTrainer:
             prefix = out.scores
         else:
             prefix = self.reward_fn(rollout.input_ids, mask, width)
-            if not isinstance(prefix, torch.Tensor) or tuple(prefix.shape) != tuple(mask.shape) \
-                    or not prefix.is_floating_point():
-                got = f"{prefix.dtype} tensor of shape {list(prefix.shape)}" if isinstance(prefix, torch.Tensor) \
-                    else type(prefix).__name__
-                raise ValueError(f"reward_fn: expected a floating-point tensor of prefix scores of shape "
-                                 f"{list(mask.shape)} (the rollout's [B, T]), got {got}")
+            check_prefix_scores("reward_fn", prefix, mask, "the rollout's")
         prefix = prefix.to(device=mask.device, dtype=torch.float32)
         if r.clip is not None:
             prefix = prefix.clamp(-r.clip, r.clip)
