@@ -287,8 +287,9 @@ def run_demo(cfg: Config, log=print) -> dict:
     t_pretrain = time.perf_counter() - t0
     d = cfg.demo
     jobs = [(run_config(cfg, run_dir, condition, arm, seed), condition, arm, seed, oracle)
-            for condition, arms, seeds, oracle in (("oracle", d.oracle_arms, d.oracle_seeds, {"noise": d.oracle_noise}),
-                                                  ("learned", d.learned_arms, d.learned_seeds, None))
+            for condition, arms, seeds, oracle in (
+                ("oracle", d.oracle_arms, d.oracle_seeds, {"noise": d.oracle_noise}),
+                ("learned", d.learned_arms, d.learned_seeds, None))
             for seed in seeds for arm in arms]
     results = run_jobs(jobs, d.workers, log)
     summary = summarise(results)

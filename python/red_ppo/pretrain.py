@@ -319,4 +319,5 @@ def credit_fidelity(rm, tokenizer, task: SyntheticTask, prompts: list[list[int]]
     return {"fidelity_spearman": spearman(red, truth), "score_sd": float(np.std(seq_scores)),
             "fidelity_spearman_per_response": float(np.nanmean(per_response)) if per_response else float("nan"),
             "fidelity_tokens": len(red), "fidelity_responses": sum(1 for r in responses if r),
-            "heldout_accuracy": pair_accuracy(seq_scores, true_scores), "score_spearman": spearman(seq_scores, true_scores)}
+            "heldout_accuracy": pair_accuracy(seq_scores, true_scores),
+            "score_spearman": spearman(seq_scores, true_scores)}

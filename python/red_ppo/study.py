@@ -131,8 +131,9 @@ def build_sources(cfg: Config, run_dir: Path, settings: dict, log=print) -> list
               "sources": sources}
     (run_dir / "sources.json").write_text(json.dumps(record, indent=2))
     for x in sources:
+        sigma = f", sigma {x['sigma']:.3f}" if "sigma" in x else ""
         log(f"[2/3] {x['name']:<14} accuracy {x['heldout_accuracy']:.1%}, fidelity {x['fidelity_spearman']:+.3f}, "
-            f"score sd {x['score_sd']:.2f} -> x{x['scale']:.2f}" + (f", sigma {x['sigma']:.3f}" if "sigma" in x else ""))
+            f"score sd {x['score_sd']:.2f} -> x{x['scale']:.2f}{sigma}")
     return sources
 
 
@@ -162,7 +163,7 @@ def diagnose_sources(cfg: Config, run_dir: Path, sources: list[dict], log=print)
             score_fn = OracleScores(task, seed=NOISE_SEED, **kwargs)
         else:
             rm = AutoModelForSequenceClassification.from_pretrained(source["reward_model"]).eval()
-            score_fn = (lambda model: lambda ids, mask, start: score_prefixes(model, ids, mask, start).scores)(rm)
+            score_fn = lambda ids, mask, start, model=rm: score_prefixes(model, ids, mask, start).scores
         with torch.no_grad():
             r = diagnose(policy, tokenizer, prompts, score_fn, prefixes=cfg.study.diagnose_prefixes,
                          continuations=cfg.study.diagnose_continuations, generation=cfg.generation,
